@@ -1,0 +1,79 @@
+"""Turning activation checkpointing on, the same way for the trace and for a real run.
+
+transformers models have their own switch (``gradient_checkpointing_enable``); for any other model the
+repeated blocks (the longest ModuleList / Sequential of same-class children) are wrapped so each block's
+forward runs under ``torch.utils.checkpoint`` and only its inputs are saved.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+_WRAPPED = "_memguard_checkpointed"
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The largest group of same-class siblings in a ModuleList / Sequential (the model's "layers")."""
+    best: list[nn.Module] = []
+    for module in model.modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(module.children())
+        if len(children) < 2 or len({type(c) for c in children}) != 1:
+            continue
+        size = sum(p.numel() for c in children for p in c.parameters())
+        best_size = sum(p.numel() for c in best for p in c.parameters())
+        if size > best_size:
+            best = children
+    return best
+
+
+def supports_hf_checkpointing(model: nn.Module) -> bool:
+    return bool(getattr(model, "supports_gradient_checkpointing", False)) and hasattr(
+        model, "gradient_checkpointing_enable"
+    )
+
+
+def enable(model: nn.Module) -> str:
+    """Turn checkpointing on in ``model`` (in place); returns how, for reports. Raises if impossible."""
+    if supports_hf_checkpointing(model):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return "transformers gradient_checkpointing_enable()"
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__} has no repeated blocks (a ModuleList or Sequential of same-class layers) "
+            "to checkpoint; wrap its layers in torch.utils.checkpoint yourself"
+        )
+    for block in blocks:
+        if getattr(block, _WRAPPED, False):
+            continue
+        block.forward = _checkpointed(block.forward)
+        setattr(block, _WRAPPED, True)
+    return f"torch.utils.checkpoint around {len(blocks)} x {type(blocks[0]).__name__}"
+
+
+def disable(model: nn.Module) -> None:
+    if supports_hf_checkpointing(model) and getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+
+
+def _checkpointed(forward: Any) -> Any:
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def is_enabled(model: nn.Module) -> bool:
+    if getattr(model, "is_gradient_checkpointing", False):
+        return True
+    return any(getattr(m, _WRAPPED, False) for m in model.modules())

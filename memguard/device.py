@@ -1,0 +1,315 @@
+"""Device models: what a traced allocation sequence costs on a given device.
+
+The tracer (trace.py) records device-neutral storage sizes in program order. A device model adds what
+the device itself does on top:
+
+- ``round_up``: how the device's allocator rounds each block (CUDA: 512 bytes; CPU: exact);
+- ``op_memory``: memory kernels allocate that the dispatcher never sees (oneDNN convolution scratch and
+  LSTM workspaces on the CPU, measured on this machine's real kernels; cuBLAS/cuDNN workspaces on CUDA);
+- ``kernel_mode``: CUDA kernels whose memory differs from the CPU kernels the fake trace runs (fused
+  dropout keeps a 1-byte mask, flash attention saves only a log-sum-exp), swapped in while tracing;
+- ``optimizer_impl``: which implementation torch optimizers default to there (for-loop on CPU,
+  foreach on CUDA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakIdKeyDictionary
+
+CUDA_BLOCK = 512
+"""The CUDA caching allocator rounds every block up to a multiple of 512 bytes."""
+
+
+@dataclass(frozen=True)
+class OpMemory:
+    """What a kernel really allocates beyond what its fake outputs show."""
+
+    transient: int = 0
+    """Peak scratch bytes the kernel holds on top of its outputs, freed when it returns."""
+    output_bytes: tuple[int | None, ...] = ()
+    """Real storage size of each tensor output where the fake kernel reports another (None: keep)."""
+
+
+NO_EXTRA = OpMemory()
+
+
+class DeviceModel:
+    """Base device model: exact bytes, no hidden kernel memory, no kernel substitutions."""
+
+    name = "generic"
+    optimizer_impl = "foreach"
+
+    def round_up(self, nbytes: int) -> int:
+        return nbytes
+
+    def op_memory(self, func: Any, args: tuple, kwargs: dict, outputs: list) -> OpMemory:
+        return NO_EXTRA
+
+    def kernel_mode(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def reserved(self, sizes: list[int], events: list[int], peak: int) -> int:
+        """Bytes the allocator holds at its high-water mark (no cache: exactly the allocated peak)."""
+        return peak
+
+    def context_bytes(self) -> int:
+        """Device memory outside the tensor allocator (the CUDA context); none on the CPU."""
+        return 0
+
+    def notes(self) -> list[str]:
+        return []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CPU: probe the real kernels of this machine
+
+
+def _real_like(x: Any, resized: WeakIdKeyDictionary | None = None) -> Any:
+    """A real zero-filled CPU tensor shaped like fake ``x`` (with its real size where a probe found one)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    real_bytes = resized.get(x.untyped_storage()) if resized is not None else None
+    if real_bytes is not None and x.dim() == 1:
+        return torch.zeros(real_bytes // x.element_size(), dtype=x.dtype)
+    return torch.empty_strided(tuple(x.shape), tuple(x.stride()), dtype=x.dtype, device="cpu").zero_()
+
+
+def _signature(func: Any, args: tuple, kwargs: dict) -> tuple:
+    def key(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return ("T", tuple(x.shape), tuple(x.stride()), x.dtype)
+        return x if isinstance(x, (int, float, bool, str, type(None), torch.dtype)) else repr(x)
+
+    flat, spec = tree_flatten((args, kwargs))
+    return (str(func), str(spec), tuple(key(x) for x in flat))
+
+
+def _allocator_events(prof: Any) -> list[tuple[int, int, int]]:
+    out = []
+    stack = list(prof.kineto_results.experimental_event_tree())
+    while stack:
+        ev = stack.pop()
+        stack.extend(ev.children)
+        fields = ev.extra_fields
+        if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
+            out.append((ev.start_time_ns, fields.alloc_size, fields.total_allocated))
+    out.sort()
+    return out
+
+
+# oneDNN-backed kernels reorder into blocked layouts or keep workspaces in any precision.
+_ALWAYS_PROBED = {
+    "aten.convolution.default", "aten.convolution_backward.default",
+    "aten.mkldnn_rnn_layer.default", "aten.mkldnn_rnn_layer_backward.default",
+    "aten._scaled_dot_product_flash_attention_for_cpu.default",
+    "aten._scaled_dot_product_flash_attention_for_cpu_backward.default",
+}
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _may_hide_memory(func: Any, args: tuple, kwargs: dict, outputs: list) -> bool:
+    """Kernels that may allocate scratch the dispatcher cannot see: oneDNN ones, and any kernel that
+    computes in half precision (it converts to float32 internally). Views and in-place ops never do."""
+    name = str(func)
+    if name in _ALWAYS_PROBED:
+        return True
+    if getattr(func, "is_view", False) or name.endswith("_.Tensor") or name.endswith("_.Scalar"):
+        return False
+    if not name.startswith("aten.") or not outputs:
+        return False
+    inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+    if not any(x.dtype in _HALF for x in inputs):
+        return False
+    ins = {id(x.untyped_storage()) for x in inputs}
+    return not any(isinstance(o, torch.Tensor) and id(o.untyped_storage()) in ins for o in outputs)
+
+
+@dataclass
+class CPUDevice(DeviceModel):
+    """The CPU of this machine. Hidden kernel memory is measured by running the real kernel once per
+    distinct shape (cached), because oneDNN picks formats and scratch sizes per CPU instruction set.
+
+    ``probe_limit`` caps the bytes a probe may allocate; above it memguard falls back to a conservative
+    rule (scratch as large as the op's inputs plus outputs) and says so in the notes.
+    """
+
+    probe_limit: int = 256 << 20
+    name: str = "cpu"
+    optimizer_impl: str = "for-loop"
+    _cache: dict = field(default_factory=dict)
+    _notes: list = field(default_factory=list)
+    _resized: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
+
+    def op_memory(self, func: Any, args: tuple, kwargs: dict, outputs: list) -> OpMemory:
+        if not _may_hide_memory(func, args, kwargs, outputs):
+            return NO_EXTRA
+        key = _signature(func, args, kwargs)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = self._probe(func, args, kwargs, outputs)
+        for out, real in zip(outputs, hit.output_bytes):
+            if real is not None and isinstance(out, torch.Tensor):
+                # a later kernel (the LSTM backward) reads this output: probe it with its real size
+                self._resized[out.untyped_storage()] = real
+        return hit
+
+    def _probe(self, func: Any, args: tuple, kwargs: dict, outputs: list) -> OpMemory:
+        flat = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        fake_out = sum(o.untyped_storage().nbytes() for o in outputs if isinstance(o, torch.Tensor))
+        need = sum(x.untyped_storage().nbytes() for x in flat) + 3 * fake_out
+        if need > self.probe_limit:
+            self._notes.append(f"{func}: kernel scratch bounded by inputs + outputs (too large to probe)")
+            return OpMemory(transient=need - 3 * fake_out + fake_out)
+        with _disable_current_modes(), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            rargs, rkwargs = tree_map(lambda x: _real_like(x, self._resized), (args, kwargs))
+            try:
+                from torch.autograd.profiler import profile
+
+                with profile(profile_memory=True, use_cpu=True) as prof:
+                    real = func(*rargs, **rkwargs)
+                    real_flat = [o for o in tree_flatten(real)[0]]
+            except RuntimeError as exc:  # profiler already running, or the kernel refuses the shapes
+                self._notes.append(f"{func}: could not measure kernel scratch ({exc}); bounded instead")
+                return OpMemory(transient=fake_out + sum(x.untyped_storage().nbytes() for x in flat))
+            events = _allocator_events(prof)
+        real_sizes = [o.untyped_storage().nbytes() if isinstance(o, torch.Tensor) else None for o in real_flat]
+        real_out = sum(s for s in real_sizes if s is not None)
+        if events:
+            start = events[0][2] - events[0][1]
+            peak = max(total for _, _, total in events) - start
+        else:
+            peak = real_out
+        fake_sizes = [o.untyped_storage().nbytes() if isinstance(o, torch.Tensor) else None for o in outputs]
+        resized = tuple(r if r != f else None for r, f in zip(real_sizes, fake_sizes))
+        if all(r is None for r in resized):
+            resized = ()
+        return OpMemory(transient=max(0, peak - real_out), output_bytes=resized)
+
+    def notes(self) -> list[str]:
+        return list(dict.fromkeys(self._notes))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA: allocator rounding, library workspaces, and the kernels CUDA runs instead of the CPU's
+
+
+_active = threading.local()
+
+
+class _CudaKernels:
+    """Swap CPU code paths for calls whose memory matches the CUDA kernels, while tracing.
+
+    - dropout: CUDA runs the fused ``native_dropout`` (1-byte mask saved for backward); the CPU path
+      multiplies by a full-precision noise tensor.
+    - scaled_dot_product_attention: on CUDA flash / memory-efficient attention save the output and a
+      float32 log-sum-exp, never the L x L score matrix, also with dropout; the CPU falls back to the math
+      path whenever dropout is on. ``attention`` selects the CUDA kernel family ("flash",
+      "efficient" or "math").
+
+    The functions are swapped on ``torch.nn.functional`` rather than through a TorchFunctionMode because
+    torch.utils.checkpoint recomputes the forward during backward with function modes disabled, and the
+    recomputation must take the same path. The swap is active only on the tracing thread.
+    """
+
+    def __init__(self, attention: str = "flash") -> None:
+        self.attention = attention
+
+    def __enter__(self) -> _CudaKernels:
+        with _patch_lock:
+            _active.kernels = self
+            if not _patched:
+                _patched["dropout"] = F.dropout
+                _patched["scaled_dot_product_attention"] = F.scaled_dot_product_attention
+                F.dropout = _dropout
+                F.scaled_dot_product_attention = _sdpa
+            _patched["users"] = _patched.get("users", 0) + 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with _patch_lock:
+            _active.kernels = None
+            _patched["users"] -= 1
+            if _patched["users"] == 0:
+                F.dropout = _patched.pop("dropout")
+                F.scaled_dot_product_attention = _patched.pop("scaled_dot_product_attention")
+                _patched.clear()
+
+
+_patch_lock = threading.Lock()
+_patched: dict[str, Any] = {}
+
+
+def _kernels() -> _CudaKernels | None:
+    return getattr(_active, "kernels", None)
+
+
+def _dropout(input, p=0.5, training=True, inplace=False):  # noqa: ANN001, A002
+    if _kernels() is None or not training or p == 0.0 or not input.is_floating_point():
+        return _patched["dropout"](input, p, training, inplace)
+    return torch.ops.aten.native_dropout.default(input, p, True)[0]
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):  # noqa: ANN001
+    kernels = _kernels()
+    if kernels is None or kernels.attention == "math":
+        return _patched["scaled_dot_product_attention"](
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa,
+        )
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(rep, dim=-3)
+        value = value.repeat_interleave(rep, dim=-3)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(
+        query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+    )[0]
+
+
+@dataclass
+class CUDADevice(DeviceModel):
+    """A CUDA GPU as torch.cuda.max_memory_allocated sees it.
+
+    ``cublas_workspace`` is the workspace torch allocates through the caching allocator for the first
+    cuBLAS handle (torch's default: 8 MiB + 128 KiB, or 32 MiB on Hopper and newer); it counts in
+    max_memory_allocated from the first matmul on.
+    """
+
+    arch: str = "sm80"
+    attention: str = "flash"
+    cublas_workspace: int = 4096 * 1024 * 2 + 16 * 1024 * 8
+    name: str = "cuda"
+    optimizer_impl: str = "foreach"
+
+    def round_up(self, nbytes: int) -> int:
+        return 0 if nbytes == 0 else -(-nbytes // CUDA_BLOCK) * CUDA_BLOCK
+
+    def kernel_mode(self) -> contextlib.AbstractContextManager:
+        return _CudaKernels(self.attention)
+
+
+def device_model(device: str | torch.device | DeviceModel) -> DeviceModel:
+    """The device model for a target device name."""
+    if isinstance(device, DeviceModel):
+        return device
+    kind = torch.device(device).type if not isinstance(device, str) or ":" in device or device in (
+        "cpu", "cuda") else device
+    if kind == "cpu":
+        return CPUDevice()
+    if kind == "cuda":
+        return CUDADevice()
+    from memguard.errors import unknown_name
+
+    raise unknown_name("device", str(device), ["cpu", "cuda"])
+
+
+Workspace = Callable[[Any, tuple, dict, list], OpMemory]

@@ -1,0 +1,198 @@
+"""``estimate()``: model + batch + training settings -> the peak memory of the first training steps.
+
+The flow is spec -> trace (trace.py) -> device model (device.py) -> :class:`Estimate`. Nothing here
+prints, touches a GPU or imports Lightning.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from memguard import checkpointing
+from memguard.categories import ALLOCATED_CATEGORIES, Category
+from memguard.device import DeviceModel, device_model
+from memguard.errors import InvalidArgumentError, TraceError
+from memguard.optimizers import make_factory
+from memguard.precision import Precision
+from memguard.trace import StepProgram, Trace, default_loss_fn, trace_training
+
+TIMELINE_POINTS = 400
+"""How many points the timeline keeps: enough for a plot, small enough to ship in JSON."""
+
+
+@dataclass(frozen=True)
+class TimelinePoint:
+    index: int
+    """Position in the traced event sequence."""
+    phase: str
+    allocated_bytes: int
+
+
+@dataclass
+class Estimate:
+    """What the first training steps will hold in memory on the target device.
+
+    ``peak_bytes`` predicts ``torch.cuda.max_memory_allocated`` (device "cuda") or the peak of live tensor
+    bytes (device "cpu"); ``reserved_bytes`` what the caching allocator holds at that moment;
+    ``device_bytes`` what NVML / nvidia-smi would show (reserved plus the CUDA context). ``breakdown`` is
+    the allocated peak split by :class:`Category`, plus ``allocator`` and ``context`` for the device
+    view. ``per_rank`` lists each rank's peak under a distributed strategy (one entry otherwise).
+    """
+
+    peak_bytes: int
+    reserved_bytes: int
+    device_bytes: int
+    breakdown: dict[Category, int]
+    timeline: list[TimelinePoint]
+    peak_phase: str
+    phase_peaks: dict[str, int]
+    device: str
+    precision: str
+    optimizer: str
+    per_rank: list[int] = field(default_factory=list)
+    approximate: bool = False
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "peak_bytes": self.peak_bytes,
+            "reserved_bytes": self.reserved_bytes,
+            "device_bytes": self.device_bytes,
+            "breakdown": {str(k): v for k, v in self.breakdown.items()},
+            "peak_phase": self.peak_phase,
+            "phase_peaks": dict(self.phase_peaks),
+            "device": self.device,
+            "precision": self.precision,
+            "optimizer": self.optimizer,
+            "per_rank": list(self.per_rank),
+            "approximate": self.approximate,
+            "notes": list(self.notes),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def estimate(
+    model: nn.Module,
+    batch: Any,
+    *,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    optimizer: str | type | Callable | None = "adamw",
+    optimizer_kwargs: dict[str, Any] | None = None,
+    optimizer_impl: str | None = None,
+    precision: str | Precision = "32-true",
+    device: str | DeviceModel = "cuda",
+    gradient_checkpointing: bool | None = None,
+    zero_grad_before_backward: bool = False,
+    steps: int = 2,
+) -> Estimate:
+    """Predict the peak memory of training ``model`` on ``batch``.
+
+    The model may live on any device, ``meta`` included; it is never modified or materialized: memguard
+    traces a fake copy. ``optimizer`` is a catalog name (see :mod:`memguard.optimizers`), an optimizer
+    class, or a factory ``params -> optimizer``; ``optimizer_impl`` overrides the device's default
+    implementation ("for-loop" on the CPU, "foreach" on CUDA, or "fused"). ``gradient_checkpointing``:
+    None keeps what the model does, True turns it on (transformers' switch, else repeated blocks are
+    wrapped), False turns transformers' switch off. ``zero_grad_before_backward`` follows Lightning's
+    automatic optimization, where the previous step's gradients live through the next forward.
+    """
+    started = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if steps < 1:
+        raise InvalidArgumentError(f"steps must be >= 1, got {steps}")
+    prec = Precision.parse(precision)
+    dev = device_model(device)
+    impl = optimizer_impl or dev.optimizer_impl
+    factory, opt_label = make_factory(optimizer, impl, optimizer_kwargs)
+    program = StepProgram(
+        loss_fn=loss_fn or default_loss_fn,
+        autocast_dtype=prec.autocast_dtype,
+        steps=steps,
+        zero_grad_before_backward=zero_grad_before_backward,
+    )
+    notes: list[str] = []
+
+    def prepare(twin: nn.Module) -> None:
+        if gradient_checkpointing:
+            try:
+                notes.append(f"activation checkpointing: {checkpointing.enable(twin)}")
+            except ValueError as exc:
+                raise InvalidArgumentError(str(exc)) from exc
+        elif gradient_checkpointing is False:
+            checkpointing.disable(twin)
+
+    trace = trace_training(model, batch, factory, program, param_dtype=prec.param_dtype, prepare=prepare, device=dev)
+    result = summarize(trace, dev)
+    result.precision = str(prec)
+    result.optimizer = f"{opt_label} ({impl})" if factory is not None else "none"
+    result.notes = notes + trace.notes + dev.notes()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def summarize(trace: Trace, dev: DeviceModel) -> Estimate:
+    """Walk the trace once with the device's rounding: peak, where it happens, and what is live there."""
+    sizes = [dev.round_up(n) for n in trace.sizes]
+    events = trace.events
+    live = best = 0
+    best_index = -1
+    curve: list[int] = []
+    for ev in events:
+        live += sizes[ev - 1] if ev > 0 else -sizes[-ev - 1]
+        curve.append(live)
+        if live > best:
+            best, best_index = live, len(curve) - 1
+
+    breakdown = {c: 0 for c in ALLOCATED_CATEGORIES}
+    for aid in trace.live_at(best_index) if best_index >= 0 else []:
+        breakdown[trace.categories[aid]] += sizes[aid]
+
+    phase_peaks: dict[str, int] = {}
+    bounds = [start for start, _ in trace.phases] + [len(events)]
+    for (start, name), end in zip(trace.phases, bounds[1:]):
+        if end > start:
+            phase_peaks[name] = max(phase_peaks.get(name, 0), max(curve[start:end]))
+
+    reserved = dev.reserved(sizes, events, best)
+    breakdown[Category.ALLOCATOR] = reserved - best
+    context = dev.context_bytes()
+    breakdown[Category.CONTEXT] = context
+    return Estimate(
+        peak_bytes=best,
+        reserved_bytes=reserved,
+        device_bytes=reserved + context,
+        breakdown=breakdown,
+        timeline=_downsample(curve, trace),
+        peak_phase=trace.phase_of(best_index) if best_index >= 0 else "setup",
+        phase_peaks=phase_peaks,
+        device=dev.name,
+        precision="",
+        optimizer="",
+        per_rank=[best],
+    )
+
+
+def _downsample(curve: list[int], trace: Trace) -> list[TimelinePoint]:
+    """Keep each bucket's maximum so the plotted curve never hides a peak."""
+    if not curve:
+        return []
+    bucket = max(1, -(-len(curve) // TIMELINE_POINTS))
+    points = []
+    for start in range(0, len(curve), bucket):
+        chunk = curve[start : start + bucket]
+        offset = max(range(len(chunk)), key=chunk.__getitem__)
+        index = start + offset
+        points.append(TimelinePoint(index, trace.phase_of(index), chunk[offset]))
+    return points
+
+
+__all__ = ["Estimate", "TimelinePoint", "estimate", "summarize", "TraceError"]

@@ -1,0 +1,63 @@
+"""Lightning's precision strings as one enum, and what each means for memory.
+
+The strings are Lightning's own so that a Trainer's ``precision`` and a config's ``trainer.precision`` can
+be passed through unchanged. Aliases Lightning accepts ("bf16", "16", 32, "32") map to the same members.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+from memguard.errors import unknown_name
+
+
+class Precision(str, Enum):
+    FP32_TRUE = "32-true"
+    FP16_MIXED = "16-mixed"
+    BF16_MIXED = "bf16-mixed"
+    FP16_TRUE = "16-true"
+    BF16_TRUE = "bf16-true"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value: object) -> Precision:
+        """Accept a member, a Lightning precision string, or one of Lightning's legacy aliases."""
+        if isinstance(value, Precision):
+            return value
+        text = str(value).strip().lower()
+        text = _ALIASES.get(text, text)
+        for member in cls:
+            if member.value == text:
+                return member
+        raise unknown_name("precision", str(value), [m.value for m in cls])
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype autocast computes in, or None when the forward pass runs without autocast."""
+        return {Precision.FP16_MIXED: torch.float16, Precision.BF16_MIXED: torch.bfloat16}.get(self)
+
+    @property
+    def param_dtype(self) -> torch.dtype | None:
+        """The dtype weights are converted to before training, or None when they keep their own."""
+        return {Precision.FP16_TRUE: torch.float16, Precision.BF16_TRUE: torch.bfloat16}.get(self)
+
+    @property
+    def needs_bf16(self) -> bool:
+        return self in (Precision.BF16_MIXED, Precision.BF16_TRUE)
+
+
+_ALIASES = {
+    "32": "32-true",
+    "32-bit": "32-true",
+    "fp32": "32-true",
+    "16": "16-mixed",
+    "fp16": "16-mixed",
+    "16-bit": "16-mixed",
+    "bf16": "bf16-mixed",
+    "fp16-mixed": "16-mixed",
+    "fp16-true": "16-true",
+}

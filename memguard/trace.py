@@ -1,0 +1,588 @@
+"""Trace training steps on fake tensors and record every allocation and free.
+
+Why this works: PyTorch's fake tensors run every operator's shape logic without computing or allocating,
+so a whole forward / backward / optimizer step runs in seconds for a 70B model on a laptop. A dispatch mode
+on top of the fake mode sees each operator's outputs; a new storage among them is an allocation, and a weak
+reference on the storage tells us the moment the real allocator would have freed it (storage lifetime is
+refcounted, so fake and real runs free at the same points of the program).
+
+The result, :class:`Trace`, is device-neutral raw bytes in program order. Device models
+(:mod:`memguard.device`) turn it into what a given device would report (rounding, allocator segments,
+workspaces).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_flatten, tree_map
+
+from memguard.categories import Category
+from memguard.device import DeviceModel
+from memguard.errors import TraceError
+
+# ---------------------------------------------------------------------------------------------------------
+# The recording
+
+
+@dataclass
+class Trace:
+    """Every allocation of the traced steps, in program order.
+
+    ``events`` is a list of signed allocation ids: ``+(aid + 1)`` allocates, ``-(aid + 1)`` frees.
+    ``sizes[aid]`` is the storage's byte size and ``categories[aid]`` what it turned out to be.
+    ``phases`` marks where each phase (``"step1.forward"``...) starts in ``events``.
+    """
+
+    sizes: list[int] = field(default_factory=list)
+    categories: list[Category] = field(default_factory=list)
+    events: list[int] = field(default_factory=list)
+    phases: list[tuple[int, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def live_at(self, index: int) -> list[int]:
+        """The allocation ids alive just after event ``index``."""
+        live: set[int] = set()
+        for ev in self.events[: index + 1]:
+            if ev > 0:
+                live.add(ev - 1)
+            else:
+                live.discard(-ev - 1)
+        return sorted(live)
+
+    def phase_of(self, index: int) -> str:
+        name = self.phases[0][1] if self.phases else ""
+        for start, phase in self.phases:
+            if start > index:
+                break
+            name = phase
+        return name
+
+
+_PLAIN = (torch.Tensor, FakeTensor, nn.Parameter)
+
+
+class _Recorder:
+    """Assigns an id to each storage the first time it is seen and logs allocs and frees."""
+
+    def __init__(self) -> None:
+        self.trace = Trace()
+        self._ids: dict[int, int] = {}  # id(storage) -> aid; a storage's entry dies with it
+        self._refs: dict[int, weakref.ref] = {}
+        self._phase_of_aid: list[int] = []
+        self._live: set[int] = set()
+        self._phase_index = -1
+        self.closed = False
+        self.is_paused = False
+        self._aliases: list[Any] = []
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Operators run meanwhile are not recorded (their storages get bound explicitly)."""
+        self.is_paused = True
+        try:
+            yield
+        finally:
+            self.is_paused = False
+
+    # storages -------------------------------------------------------------------------------------------
+    def aid_of(self, tensor: torch.Tensor) -> int | None:
+        try:
+            return self._ids.get(id(tensor.untyped_storage()))
+        except (RuntimeError, NotImplementedError):
+            return None
+
+    def track(self, tensor: torch.Tensor, category: Category = Category.OTHER, nbytes: int | None = None) -> None:
+        if type(tensor) not in _PLAIN and is_traceable_wrapper_subclass(tensor):
+            attrs, _ = tensor.__tensor_flatten__()
+            for attr in attrs:
+                inner = getattr(tensor, attr)
+                if isinstance(inner, torch.Tensor):
+                    self.track(inner, category)
+            return
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        if id(storage) in self._ids:
+            return
+        aid = self._new(int(storage.nbytes()) if nbytes is None else int(nbytes), category)
+        self.bind(storage, aid)
+
+    def _new(self, nbytes: int, category: Category) -> int:
+        aid = len(self.trace.sizes)
+        self.trace.sizes.append(nbytes)
+        self.trace.categories.append(category)
+        self._phase_of_aid.append(self._phase_index)
+        self._live.add(aid)
+        self.trace.events.append(aid + 1)
+        return aid
+
+    def bind(self, storage: Any, aid: int) -> None:
+        """Make ``storage`` the owner of allocation ``aid``: its death frees it."""
+        key = id(storage)
+        self._ids[key] = aid
+        self._refs[aid] = weakref.ref(storage, self._freer(aid, key))
+
+    def alias(self, storage: Any, of: torch.Tensor) -> None:
+        """Treat ``storage`` as the same memory as ``of`` (in-place ops on it allocate nothing)."""
+        aid = self.aid_of(of)
+        if aid is not None:
+            self._ids[id(storage)] = aid
+            self._aliases.append(storage)  # kept alive so its id is never reused
+
+    def unbind(self, storage: Any) -> None:
+        """Forget ``storage`` without freeing its allocation (its id is about to be rebound)."""
+        aid = self._ids.pop(id(storage), None)
+        if aid is not None:
+            self._refs.pop(aid, None)
+
+    def _freer(self, aid: int, key: int) -> Callable[[Any], None]:
+        def free(_ref: Any) -> None:
+            if self._ids.get(key) == aid:
+                del self._ids[key]
+            if self.closed:
+                return
+            self._refs.pop(aid, None)
+            self._live.discard(aid)
+            self.trace.events.append(-(aid + 1))
+
+        return free
+
+    def transient(self, nbytes: int, category: Category) -> None:
+        """An allocation that is freed right away: a kernel's internal scratch space."""
+        if nbytes <= 0:
+            return
+        aid = self._new(int(nbytes), category)
+        self._live.discard(aid)
+        self.trace.events.append(-(aid + 1))
+
+    def replay(self, events: list[int], remap: dict[int, int]) -> None:
+        """Append ``events`` again with fresh ids for the allocations they make (``remap`` is filled
+        with old id -> new id), so a repeated, identical program segment costs no second trace."""
+        for ev in events:
+            if ev > 0:
+                old = ev - 1
+                remap[old] = self._new(self.trace.sizes[old], self.trace.categories[old])
+            else:
+                new = remap[-ev - 1]
+                self._live.discard(new)
+                self.trace.events.append(-(new + 1))
+
+    # phases and tags ------------------------------------------------------------------------------------
+    def phase(self, name: str) -> None:
+        self._phase_index = len(self.trace.phases)
+        self.trace.phases.append((len(self.trace.events), name))
+
+    def tag(self, tensor: torch.Tensor, category: Category) -> None:
+        """Mark a storage as ``category`` unless an earlier, more specific tag exists."""
+        aid = self.aid_of(tensor)
+        if aid is None:
+            self.track(tensor, category)
+            return
+        if self.trace.categories[aid] in (Category.OTHER, Category.TEMPORARIES, Category.ACTIVATIONS):
+            self.trace.categories[aid] = category
+
+    def tag_live_from_current_phase(self, category: Category) -> None:
+        """Everything allocated in the current phase and still alive becomes ``category``."""
+        for aid in self._live:
+            if self._phase_of_aid[aid] == self._phase_index and self.trace.categories[aid] == Category.OTHER:
+                self.trace.categories[aid] = category
+
+    def finish(self) -> Trace:
+        for aid, cat in enumerate(self.trace.categories):
+            if cat == Category.OTHER and self._phase_of_aid[aid] >= 0:
+                self.trace.categories[aid] = Category.TEMPORARIES
+        self.closed = True
+        return self.trace
+
+
+class _RecordingMode(TorchDispatchMode):
+    def __init__(self, recorder: _Recorder, device: DeviceModel) -> None:
+        super().__init__()
+        self.recorder = recorder
+        self.device = device
+        self.last_op: Any = None
+        self.scalar_reads_ok = False
+
+    @contextlib.contextmanager
+    def reading_scalars(self) -> Iterator[None]:
+        self.scalar_reads_ok = True
+        try:
+            yield
+        finally:
+            self.scalar_reads_ok = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        self.last_op = func
+        if self.scalar_reads_ok and func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            # An optimizer reading a step counter (.item()): the value never changes what is allocated.
+            return 1 if not args[0].is_floating_point() else 1.0
+        out = func(*args, **kwargs)
+        if self.recorder.is_paused:
+            return out
+        if isinstance(out, torch.Tensor):
+            flat = [out]
+        elif isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) or o is None for o in out):
+            flat = list(out)
+        else:
+            flat = tree_flatten(out)[0]
+        extra = self.device.op_memory(func, args, kwargs, flat)
+        sizes = extra.output_bytes
+        for i, t in enumerate(flat):
+            if isinstance(t, torch.Tensor):
+                self.recorder.track(t, nbytes=sizes[i] if i < len(sizes) else None)
+        if extra.transient:
+            self.recorder.transient(extra.transient, Category.WORKSPACE)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Making a fake twin of the user's model
+
+
+def _fake_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fake CPU tensor of the same shape and strides, created inside an active FakeTensorMode."""
+    target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+    return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=target, device="cpu")
+
+
+def fake_model_copy(model: nn.Module, mode: FakeTensorMode, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Deep-copy the module tree with every parameter, buffer and tensor attribute replaced by a fake one.
+
+    The user's tensors are never read (only their shape, stride and dtype), so a model on ``meta`` or on a
+    GPU works the same, and nothing of theirs is modified: tied weights stay tied because the memo maps one
+    original object to one fake object.
+    """
+    memo: dict[int, Any] = {}
+    with mode:
+        for module in model.modules():
+            for p in module._parameters.values():
+                if p is not None and id(p) not in memo:
+                    memo[id(p)] = nn.Parameter(_fake_like(p, param_dtype), requires_grad=p.requires_grad)
+            for b in module._buffers.values():
+                if b is not None and id(b) not in memo:
+                    memo[id(b)] = _fake_like(b, param_dtype if b.is_floating_point() and b.dtype != torch.float32 else None)
+            for value in vars(module).values():
+                if isinstance(value, torch.Tensor) and id(value) not in memo and not isinstance(value, nn.Parameter):
+                    memo[id(value)] = _fake_like(value)
+    try:
+        twin = copy.deepcopy(model, memo)
+    except Exception as exc:  # noqa: BLE001 - any copy failure becomes one actionable message
+        raise TraceError(
+            f"memguard could not copy the model structure to trace it ({type(exc).__name__}: {exc}). "
+            "memguard never traces the original model; make the module deep-copyable "
+            "(no open files, locks or generators as attributes).",
+            operation="copy.deepcopy",
+        ) from exc
+    return twin
+
+
+def fake_batch(batch: Any, mode: FakeTensorMode, float_dtype: torch.dtype | None = None) -> Any:
+    """The batch with every tensor replaced by a fake CPU tensor of the same shape and dtype."""
+
+    def convert(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return _fake_like(x, float_dtype)
+        return x
+
+    with mode:
+        return tree_map(convert, batch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Driving the steps
+
+
+def default_loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Call the model with the batch; take ``.loss`` when the output carries one, else sum the output."""
+    if isinstance(batch, dict):
+        out = model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        out = model(*batch)
+    else:
+        out = model(batch)
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    if loss is None:
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            raise TraceError(
+                f"the model returned {type(out).__name__}, not a tensor or an object with .loss; "
+                "pass loss_fn=lambda model, batch: ... that returns a scalar loss."
+            )
+        loss = out if out.dim() == 0 else out.float().sum()
+    return loss
+
+
+@dataclass
+class StepProgram:
+    """How one training step is driven, so the trace runs the same code as the real loop.
+
+    ``zero_grad_before_backward`` mirrors Lightning's automatic optimization, which zeroes gradients
+    between training_step and backward, so the previous step's gradients are alive during the forward.
+    """
+
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] = default_loss_fn
+    autocast_dtype: torch.dtype | None = None
+    steps: int = 2
+    zero_grad_before_backward: bool = False
+
+
+def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=dtype)
+
+
+@contextlib.contextmanager
+def _phase(rec: _Recorder, mode: _RecordingMode, name: str) -> Iterator[None]:
+    rec.phase(name)
+    try:
+        yield
+    except TraceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch raises many types; all become one clear message
+        op = str(mode.last_op) if mode.last_op is not None else None
+        raise TraceError(_explain(exc, op, name), operation=op, phase=name) from exc
+
+
+def _explain(exc: Exception, op: str | None, phase: str) -> str:
+    text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    hint = "If the model branches on tensor values, give memguard a loss_fn that avoids the branch."
+    lowered = str(exc).lower()
+    if "data-dependent" in lowered or "item()" in lowered or "dynamicoutputshape" in type(exc).__name__.lower():
+        hint = (
+            "The model computes shapes or Python values from tensor contents (.item(), .tolist(), "
+            "nonzero, boolean masking), which cannot be known without real data. Move that logic out of "
+            "forward or pass a loss_fn that skips it."
+        )
+    elif "fake" in lowered and ("kernel" in lowered or "meta" in lowered):
+        hint = (
+            "A custom operator has no fake (meta) implementation. Register one with "
+            "torch.library.register_fake so memguard can trace it."
+        )
+    if phase.endswith("optimizer") or phase.endswith("init"):
+        hint = (
+            "The optimizer could not run on shape-only tensors. Pass one of memguard's catalog names "
+            "(memguard.optimizers.CATALOG) or an optimizer class that only uses tensor operations."
+        )
+    where = f"operation {op}" if op else "a Python call"
+    op = str(op) if op is not None else None
+    return f"memguard could not trace {phase}: {where} failed ({text}). {hint}"
+
+
+def run_steps(
+    model: nn.Module,
+    batch: Any,
+    make_optimizer: Callable[[list[nn.Parameter]], Any] | None,
+    program: StepProgram,
+    recorder: _Recorder,
+    mode: _RecordingMode,
+) -> None:
+    """Run ``program.steps`` training steps on an already-fake model, recording as it goes.
+
+    Steps after the first repeat the first step's forward and backward exactly (same operators, same
+    shapes, same frees); only what was alive before differs (optimizer state, old gradients). So when the
+    first step left nothing behind but gradients, later forwards and backwards are replayed from its
+    events instead of traced again, which halves the time for large models. The optimizer step is always
+    traced, because step 1 creates the state lazily and step 2 does not.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    shadows = _Shadows(params, recorder) if make_optimizer is not None and params else None
+    optimizer = None
+    if shadows is not None:
+        with _phase(recorder, mode, "optimizer.init"), unset_fake_temporarily():
+            optimizer = make_optimizer(shadows.params)
+            _tag_optimizer_state(recorder, optimizer)
+    first: _StepRecord | None = None
+    for step in range(1, program.steps + 1):
+        if first is not None and first.replayable:
+            _replay_forward_backward(first, step, params, optimizer, program, recorder, mode)
+        else:
+            record = _trace_forward_backward(model, batch, step, params, optimizer, program, recorder, mode)
+            first = first or record
+        if optimizer is not None:
+            shadows.take_grads()
+            with _phase(recorder, mode, f"step{step}.optimizer"), unset_fake_temporarily(), mode.reading_scalars():
+                optimizer.step()
+                _tag_optimizer_state(recorder, optimizer)
+            if not program.zero_grad_before_backward:
+                with _phase(recorder, mode, f"step{step}.zero_grad"):
+                    optimizer.zero_grad(set_to_none=True)
+    recorder.phase("end")
+
+
+class _Shadows:
+    """Meta-device stand-ins for the trainable parameters, for the optimizer to work on.
+
+    The optimizer step needs no autocast and no model code, only shapes, and meta tensors run torch's
+    optimizer kernels about twice as fast as fake ones. Each gradient's allocation id moves from the
+    fake ``.grad`` to the shadow's ``.grad``, so the free at zero_grad is still recorded where it happens.
+    """
+
+    def __init__(self, params: list[nn.Parameter], recorder: _Recorder) -> None:
+        self.pairs = []
+        self.recorder = recorder
+        with recorder.paused(), unset_fake_temporarily():
+            for p in params:
+                shadow = nn.Parameter(
+                    torch.empty_strided(tuple(p.shape), tuple(p.stride()), dtype=p.dtype, device="meta")
+                )
+                recorder.alias(shadow.untyped_storage(), p)
+                self.pairs.append((p, shadow))
+        self.params = [s for _, s in self.pairs]
+
+    def take_grads(self) -> None:
+        rec = self.recorder
+        with rec.paused(), unset_fake_temporarily():
+            for p, shadow in self.pairs:
+                if p.grad is None:
+                    continue
+                aid = rec.aid_of(p.grad)
+                grad = torch.empty_strided(tuple(p.grad.shape), tuple(p.grad.stride()), dtype=p.grad.dtype,
+                                           device="meta")
+                rec.unbind(p.grad.untyped_storage())
+                p.grad = None
+                if aid is not None:
+                    rec.bind(grad.untyped_storage(), aid)
+                shadow.grad = grad
+
+
+@dataclass
+class _StepRecord:
+    """The events of step 1's forward and backward, and the gradients that survived them."""
+
+    forward: list[int]
+    backward: list[int]
+    grads: list[tuple[nn.Parameter, int, tuple, tuple, torch.dtype]]
+    replayable: bool
+
+
+def _trace_forward_backward(model, batch, step, params, optimizer, program, recorder, mode) -> _StepRecord:  # noqa: ANN001
+    events = recorder.trace.events
+    live_before = set(recorder._live)
+    with _phase(recorder, mode, f"step{step}.forward"):
+        f0 = len(events)
+        with _autocast(program.autocast_dtype):
+            loss = program.loss_fn(model, batch)
+        if not isinstance(loss, torch.Tensor):
+            raise TraceError(f"loss_fn returned {type(loss).__name__}; it must return a scalar tensor.")
+        recorder.tag_live_from_current_phase(Category.ACTIVATIONS)
+        forward = events[f0:]
+    if program.zero_grad_before_backward and optimizer is not None:
+        with _phase(recorder, mode, f"step{step}.zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
+    with _phase(recorder, mode, f"step{step}.backward"):
+        b0 = len(events)
+        if loss.requires_grad:
+            loss.backward()
+        del loss
+        grads = []
+        for p in params:
+            if p.grad is not None:
+                recorder.tag(p.grad, Category.GRADIENTS)
+                aid = recorder.aid_of(p.grad)
+                grads.append((p, aid, tuple(p.grad.shape), tuple(p.grad.stride()), p.grad.dtype))
+        backward = events[b0:]
+    forward, backward = list(forward), list(backward)
+    # Replaying is exact only if every free in the segment frees something the segment allocated and
+    # the only survivors are the gradients, one storage each, exactly the gradient's size.
+    made = {ev - 1 for ev in forward + backward if ev > 0}
+    freed_outside = any(ev < 0 and (-ev - 1) not in made for ev in forward + backward)
+    survivors = (recorder._live - live_before) & made
+    grad_aids = [g[1] for g in grads]
+    exact_sizes = all(
+        recorder.trace.sizes[aid] == p.grad.untyped_storage().nbytes() == p.grad.numel() * p.grad.element_size()
+        for p, aid, *_ in grads
+    )
+    replayable = (
+        not freed_outside
+        and len(set(grad_aids)) == len(grad_aids)
+        and survivors == set(grad_aids)
+        and exact_sizes
+    )
+    return _StepRecord(forward, backward, grads, replayable)
+
+
+def _replay_forward_backward(first, step, params, optimizer, program, recorder, mode) -> None:  # noqa: ANN001
+    remap: dict[int, int] = {}
+    with _phase(recorder, mode, f"step{step}.forward"):
+        recorder.replay(first.forward, remap)
+    if program.zero_grad_before_backward and optimizer is not None:
+        with _phase(recorder, mode, f"step{step}.zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
+    with _phase(recorder, mode, f"step{step}.backward"):
+        recorder.replay(first.backward, remap)
+        with recorder.paused():
+            for p, aid, shape, stride, dtype in first.grads:
+                grad = torch.empty_strided(shape, stride, dtype=dtype, device="cpu")
+                recorder.bind(grad.untyped_storage(), remap[aid])
+                p.grad = grad
+
+
+def _tag_optimizer_state(recorder: _Recorder, optimizer: Any) -> None:
+    state = getattr(optimizer, "state", None)
+    if not state:
+        return
+    for per_param in state.values():
+        values = per_param.values() if isinstance(per_param, dict) else [per_param]
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                recorder.tag(v, Category.OPTIMIZER_STATE)
+
+
+def trace_training(
+    model: nn.Module,
+    batch: Any,
+    make_optimizer: Callable[[list[nn.Parameter]], Any] | None,
+    program: StepProgram,
+    *,
+    param_dtype: torch.dtype | None = None,
+    prepare: Callable[[nn.Module], None] | None = None,
+    device: DeviceModel | None = None,
+) -> Trace:
+    """Trace ``program`` on a fake twin of ``model``; the user's model and batch are left untouched.
+
+    ``prepare`` runs on the twin before tracing (enable checkpointing, train mode...). ``device`` adds
+    the target's hidden kernel memory per operator and swaps in its kernels (see device.py).
+    """
+    device = device or DeviceModel()
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+    twin = fake_model_copy(model, fake_mode, param_dtype)
+    twin.train()
+    if prepare is not None:
+        prepare(twin)
+    fbatch = fake_batch(batch, fake_mode, param_dtype)
+
+    recorder = _Recorder()
+    recorder.phase("setup")
+    seen: set[int] = set()
+    for p in twin.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            recorder.track(p, Category.PARAMETERS)
+    for b in twin.buffers():
+        recorder.track(b, Category.PARAMETERS)
+    for leaf in tree_flatten(fbatch)[0]:
+        if isinstance(leaf, torch.Tensor):
+            recorder.track(leaf, Category.INPUTS)
+
+    mode = _RecordingMode(recorder, device)
+    with fake_mode, mode, device.kernel_mode():
+        run_steps(twin, fbatch, make_optimizer, program, recorder, mode)
+    trace = recorder.finish()
+    del twin, fbatch
+    return trace
