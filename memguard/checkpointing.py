@@ -34,15 +34,23 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def supports_hf_checkpointing(model: nn.Module) -> bool:
-    return bool(getattr(model, "supports_gradient_checkpointing", False)) and hasattr(
-        model, "gradient_checkpointing_enable"
+    return bool(getattr(model, "supports_gradient_checkpointing", False)) and (
+        hasattr(model, "activation_checkpointing_enable") or hasattr(model, "gradient_checkpointing_enable")
     )
+
+
+def _hf(model: nn.Module, new: str, old: str) -> Any:
+    """transformers 5 renamed gradient_* to activation_*; use whichever this version has."""
+    return getattr(model, new) if hasattr(model, new) else getattr(model, old)
 
 
 def enable(model: nn.Module) -> str:
     """Turn checkpointing on in ``model`` (in place); returns how, for reports. Raises if impossible."""
     if supports_hf_checkpointing(model):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return "transformers gradient_checkpointing_enable()"
     blocks = repeated_blocks(model)
     if not blocks:
@@ -59,8 +67,14 @@ def enable(model: nn.Module) -> str:
 
 
 def disable(model: nn.Module) -> None:
-    if supports_hf_checkpointing(model) and getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+    if supports_hf_checkpointing(model) and _hf_enabled(model):
+        _hf(model, "activation_checkpointing_disable", "gradient_checkpointing_disable")()
+
+
+def _hf_enabled(model: nn.Module) -> bool:
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def _checkpointed(forward: Any) -> Any:
@@ -74,6 +88,6 @@ def _checkpointed(forward: Any) -> Any:
 
 
 def is_enabled(model: nn.Module) -> bool:
-    if getattr(model, "is_gradient_checkpointing", False):
+    if supports_hf_checkpointing(model) and _hf_enabled(model):
         return True
     return any(getattr(m, _WRAPPED, False) for m in model.modules())

@@ -38,6 +38,8 @@ class OpMemory:
     """Peak scratch bytes the kernel holds on top of its outputs, freed when it returns."""
     output_bytes: tuple[int | None, ...] = ()
     """Real storage size of each tensor output where the fake kernel reports another (None: keep)."""
+    persistent: int = 0
+    """Bytes the kernel's library allocates once and keeps (cuBLAS workspace of a new handle)."""
 
 
 NO_EXTRA = OpMemory()
@@ -275,26 +277,47 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     )[0]
 
 
+_MATMULS = {
+    "aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default",
+    "aten._scaled_mm.default", "aten.addbmm.default",
+}
+
+
+def cublas_workspace_bytes(compute_capability: tuple[int, int]) -> int:
+    """torch's default cuBLAS workspace per (handle, stream): CUBLAS_WORKSPACE_CONFIG ":4096:2:16:8"
+    (2 x 4 MiB + 8 x 16 KiB) before Hopper, 32 MiB from Hopper on (NVIDIA's recommendation for sm90)."""
+    return 32 * 2**20 if compute_capability >= (9, 0) else 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
 @dataclass
 class CUDADevice(DeviceModel):
     """A CUDA GPU as torch.cuda.max_memory_allocated sees it.
 
-    ``cublas_workspace`` is the workspace torch allocates through the caching allocator for the first
-    cuBLAS handle (torch's default: 8 MiB + 128 KiB, or 32 MiB on Hopper and newer); it counts in
-    max_memory_allocated from the first matmul on.
+    The cuBLAS workspace is allocated through the caching allocator the first time a thread runs a
+    matmul, so it counts in max_memory_allocated; the forward runs on the Python thread and the backward
+    on autograd's device thread, each with its own cuBLAS handle and therefore its own workspace.
     """
 
-    arch: str = "sm80"
+    compute_capability: tuple[int, int] = (8, 0)
     attention: str = "flash"
-    cublas_workspace: int = 4096 * 1024 * 2 + 16 * 1024 * 8
     name: str = "cuda"
     optimizer_impl: str = "foreach"
+    _workspaces: set = field(default_factory=set)
 
     def round_up(self, nbytes: int) -> int:
         return 0 if nbytes == 0 else -(-nbytes // CUDA_BLOCK) * CUDA_BLOCK
 
     def kernel_mode(self) -> contextlib.AbstractContextManager:
         return _CudaKernels(self.attention)
+
+    def op_memory(self, func: Any, args: tuple, kwargs: dict, outputs: list) -> OpMemory:
+        if str(func) not in _MATMULS:
+            return NO_EXTRA
+        thread = "backward" if torch._C._current_autograd_node() is not None else "forward"
+        if thread in self._workspaces:
+            return NO_EXTRA
+        self._workspaces.add(thread)
+        return OpMemory(persistent=cublas_workspace_bytes(self.compute_capability))
 
 
 def device_model(device: str | torch.device | DeviceModel) -> DeviceModel:

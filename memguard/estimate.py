@@ -18,7 +18,7 @@ from memguard import checkpointing
 from memguard.categories import ALLOCATED_CATEGORIES, Category
 from memguard.device import DeviceModel, device_model
 from memguard.errors import InvalidArgumentError, TraceError
-from memguard.optimizers import make_factory
+from memguard.optimizers import adam_like_bound, make_factory
 from memguard.precision import Precision
 from memguard.trace import StepProgram, Trace, default_loss_fn, trace_training
 
@@ -93,6 +93,7 @@ def estimate(
     gradient_checkpointing: bool | None = None,
     zero_grad_before_backward: bool = False,
     steps: int = 2,
+    on_untraceable: str = "raise",
 ) -> Estimate:
     """Predict the peak memory of training ``model`` on ``batch``.
 
@@ -103,7 +104,11 @@ def estimate(
     None keeps what the model does, True turns it on (transformers' switch, else repeated blocks are
     wrapped), False turns transformers' switch off. ``zero_grad_before_backward`` follows Lightning's
     automatic optimization, where the previous step's gradients live through the next forward.
+    ``on_untraceable="bound"``: when only the optimizer cannot be traced, return a conservative bound
+    (Adam-sized state, foreach-sized step scratch) marked ``approximate`` instead of raising.
     """
+    if on_untraceable not in ("raise", "bound"):
+        raise InvalidArgumentError(f"on_untraceable must be 'raise' or 'bound', got {on_untraceable!r}")
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -130,8 +135,22 @@ def estimate(
         elif gradient_checkpointing is False:
             checkpointing.disable(twin)
 
-    trace = trace_training(model, batch, factory, program, param_dtype=prec.param_dtype, prepare=prepare, device=dev)
+    approximate = False
+    try:
+        trace = trace_training(model, batch, factory, program, param_dtype=prec.param_dtype, prepare=prepare,
+                               device=dev)
+    except TraceError as exc:
+        in_optimizer = (exc.phase or "").endswith(("optimizer", "optimizer.init"))
+        if on_untraceable != "bound" or not in_optimizer:
+            raise
+        notes.append(f"approximate: the optimizer could not be traced ({exc.operation}); bounded by Adam-sized "
+                     "state and a foreach-sized step transient")
+        approximate = True
+        dev = device_model(device)
+        trace = trace_training(model, batch, adam_like_bound, program, param_dtype=prec.param_dtype,
+                               prepare=prepare, device=dev)
     result = summarize(trace, dev)
+    result.approximate = approximate
     result.precision = str(prec)
     result.optimizer = f"{opt_label} ({impl})" if factory is not None else "none"
     result.notes = notes + trace.notes + dev.notes()

@@ -139,3 +139,43 @@ def _impl_kwargs(cls: type, implementation: str, given: dict[str, Any]) -> dict[
 
 def names() -> Iterable[str]:
     return sorted(CATALOG)
+
+
+class ShapeOnlyOptimizer(torch.optim.Optimizer):
+    """An optimizer that allocates what a real one would (state created lazily on the first step, a step
+    transient) without computing anything, for optimizers that cannot run on shape-only tensors.
+
+    ``state_bytes(param) -> int`` gives the bytes of state kept for a parameter; ``transient_bytes(params)
+    -> list[int]`` the scratch blocks a step holds at once (all freed when the step ends).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        state_bytes: Callable[[torch.Tensor], int],
+        transient_bytes: Callable[[list[torch.Tensor]], list[int]] = lambda ps: [],
+    ) -> None:
+        super().__init__(params, {})
+        self._state_bytes = state_bytes
+        self._transient_bytes = transient_bytes
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> None:  # type: ignore[override]
+        live = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for p in live:
+            if p not in self.state or not self.state[p]:
+                nbytes = self._state_bytes(p)
+                if nbytes > 0:
+                    self.state[p]["state"] = torch.empty(nbytes, dtype=torch.uint8, device=p.device)
+        scratch = [torch.empty(n, dtype=torch.uint8, device=live[0].device) for n in self._transient_bytes(live) if n > 0]
+        del scratch
+
+
+def adam_like_bound(params: list[torch.nn.Parameter]) -> ShapeOnlyOptimizer:
+    """A conservative stand-in for an optimizer that cannot be traced: Adam-sized state (two copies of
+    each parameter, in its dtype) and a foreach-sized step transient (one copy of all parameters)."""
+    return ShapeOnlyOptimizer(
+        params,
+        state_bytes=lambda p: 2 * p.numel() * p.element_size(),
+        transient_bytes=lambda ps: [p.numel() * p.element_size() for p in ps],
+    )

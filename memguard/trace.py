@@ -84,6 +84,7 @@ class _Recorder:
         self.closed = False
         self.is_paused = False
         self._aliases: list[Any] = []
+        self.kept: set[int] = set()  # allocations made once per process, never replayed
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -166,6 +167,10 @@ class _Recorder:
         self._live.discard(aid)
         self.trace.events.append(-(aid + 1))
 
+    def persistent(self, nbytes: int, category: Category) -> None:
+        """An allocation a library keeps until the process ends (never freed in the trace)."""
+        self.kept.add(self._new(int(nbytes), category))
+
     def replay(self, events: list[int], remap: dict[int, int]) -> None:
         """Append ``events`` again with fresh ids for the allocations they make (``remap`` is filled
         with old id -> new id), so a repeated, identical program segment costs no second trace."""
@@ -244,6 +249,8 @@ class _RecordingMode(TorchDispatchMode):
                 self.recorder.track(t, nbytes=sizes[i] if i < len(sizes) else None)
         if extra.transient:
             self.recorder.transient(extra.transient, Category.WORKSPACE)
+        if extra.persistent:
+            self.recorder.persistent(extra.persistent, Category.WORKSPACE)
         return out
 
 
@@ -363,13 +370,16 @@ def _explain(exc: Exception, op: str | None, phase: str) -> str:
     text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     hint = "If the model branches on tensor values, give memguard a loss_fn that avoids the branch."
     lowered = str(exc).lower()
-    if "data-dependent" in lowered or "item()" in lowered or "dynamicoutputshape" in type(exc).__name__.lower():
+    data_dependent = ("DataDependent" in type(exc).__name__ or "DynamicOutputShape" in type(exc).__name__
+                      or "data-dependent" in lowered or "item()" in lowered
+                      or (op is not None and "_local_scalar_dense" in str(op)))
+    if data_dependent:
         hint = (
             "The model computes shapes or Python values from tensor contents (.item(), .tolist(), "
             "nonzero, boolean masking), which cannot be known without real data. Move that logic out of "
             "forward or pass a loss_fn that skips it."
         )
-    elif "fake" in lowered and ("kernel" in lowered or "meta" in lowered):
+    elif "UnsupportedOperator" in type(exc).__name__ or ("fake" in lowered and ("kernel" in lowered or "meta" in lowered)):
         hint = (
             "A custom operator has no fake (meta) implementation. Register one with "
             "torch.library.register_fake so memguard can trace it."
@@ -497,7 +507,9 @@ def _trace_forward_backward(model, batch, step, params, optimizer, program, reco
                 aid = recorder.aid_of(p.grad)
                 grads.append((p, aid, tuple(p.grad.shape), tuple(p.grad.stride()), p.grad.dtype))
         backward = events[b0:]
-    forward, backward = list(forward), list(backward)
+    kept = recorder.kept
+    forward = [ev for ev in forward if abs(ev) - 1 not in kept]
+    backward = [ev for ev in backward if abs(ev) - 1 not in kept]
     # Replaying is exact only if every free in the segment frees something the segment allocated and
     # the only survivors are the gradients, one storage each, exactly the gradient's size.
     made = {ev - 1 for ev in forward + backward if ev > 0}
