@@ -20,6 +20,7 @@ from memguard.device import DeviceModel, device_model
 from memguard.errors import InvalidArgumentError, TraceError
 from memguard.optimizers import adam_like_bound, make_factory
 from memguard.precision import Precision
+from memguard.quantization import QuantScheme, quantize_linears, replace_bnb_layers
 from memguard.trace import StepProgram, Trace, default_loss_fn, trace_training
 
 TIMELINE_POINTS = 400
@@ -94,6 +95,7 @@ def estimate(
     zero_grad_before_backward: bool = False,
     steps: int = 2,
     on_untraceable: str = "raise",
+    quantization: str | None = None,
 ) -> Estimate:
     """Predict the peak memory of training ``model`` on ``batch``.
 
@@ -104,6 +106,9 @@ def estimate(
     None keeps what the model does, True turns it on (transformers' switch, else repeated blocks are
     wrapped), False turns transformers' switch off. ``zero_grad_before_backward`` follows Lightning's
     automatic optimization, where the previous step's gradients live through the next forward.
+    ``quantization`` ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8", as Lightning's BitsandbytesPrecision)
+    stores the frozen linear layers' weights as bitsandbytes does; bitsandbytes layers already in the model
+    are recognised without it.
     ``on_untraceable="bound"``: when only the optimizer cannot be traced, return a conservative bound
     (Adam-sized state, foreach-sized step scratch) marked ``approximate`` instead of raising.
     """
@@ -125,8 +130,16 @@ def estimate(
         zero_grad_before_backward=zero_grad_before_backward,
     )
     notes: list[str] = []
+    compute = prec.param_dtype or prec.autocast_dtype or torch.bfloat16
+    scheme = QuantScheme.parse(quantization, compute) if quantization else None
 
     def prepare(twin: nn.Module) -> None:
+        replaced = replace_bnb_layers(twin)
+        if replaced:
+            notes.append(f"{replaced} bitsandbytes layers traced with their storage and dequantization buffers")
+        if scheme is not None:
+            count = quantize_linears(twin, scheme)
+            notes.append(f"{count} linear layers quantized to {quantization}")
         if gradient_checkpointing:
             try:
                 notes.append(f"activation checkpointing: {checkpointing.enable(twin)}")

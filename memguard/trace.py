@@ -576,7 +576,8 @@ def trace_training(
     twin = fake_model_copy(model, fake_mode, param_dtype)
     twin.train()
     if prepare is not None:
-        prepare(twin)
+        with fake_mode:  # layers the preparation creates (quantized stand-ins) must be fake too
+            prepare(twin)
     fbatch = fake_batch(batch, fake_mode, param_dtype)
 
     recorder = _Recorder()

@@ -1,0 +1,79 @@
+"""Quantized base weights: memguard's stand-ins hold exactly what bitsandbytes stores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import memguard
+from memguard import Category, InvalidArgumentError
+from memguard.quantization import QuantScheme
+
+bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes.functional as bnbF  # noqa: E402
+
+
+def _real_4bit_bytes(out_f: int, in_f: int, kind: str, dq: bool) -> int:
+    w = torch.randn(out_f, in_f, dtype=torch.bfloat16)
+    q, st = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type=kind)
+    tensors = [q, st.absmax, st.code]
+    if st.state2 is not None:
+        tensors += [st.offset, st.state2.absmax, st.state2.code]
+    return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("shape", [(300, 512), (64, 100), (4096, 11008 // 8)])
+def test_4bit_storage_matches_bitsandbytes(kind: str, dq: bool, shape: tuple[int, int]) -> None:
+    scheme = QuantScheme(kind, dq)
+    assert sum(scheme.storage_bytes(*shape)) == _real_4bit_bytes(*shape, kind, dq)
+
+
+def test_int8_storage_matches_bitsandbytes() -> None:
+    w = torch.randn(300, 512, dtype=torch.float16)
+    cb, scb, _ = bnbF.int8_vectorwise_quant(w)
+    assert sum(QuantScheme("int8").storage_bytes(300, 512)) == cb.untyped_storage().nbytes() + scb.untyped_storage().nbytes()
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(256, 1024), nn.Linear(1024, 256)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.down(torch.relu(self.up(x))))).sum()
+
+
+def test_quantization_stores_frozen_linears_packed_and_trains_the_rest() -> None:
+    model = MLP()
+    model.up.requires_grad_(False)
+    model.down.requires_grad_(False)
+    x = torch.randn(8, 256)
+    plain = memguard.estimate(model, x, precision="bf16-true", device="cuda")
+    quant = memguard.estimate(model, x, precision="bf16-true", device="cuda", quantization="nf4-dq")
+    stored = sum(QuantScheme("nf4", True).storage_bytes(1024, 256)) * 2
+    # the two frozen layers shrink from bf16 (2 B/weight) to their packed storage; the head is untouched
+    weights_bf16 = 2 * 2 * 256 * 1024
+    saved = plain.breakdown[Category.PARAMETERS] - quant.breakdown[Category.PARAMETERS]
+    assert abs(saved - (weights_bf16 - stored)) < 8 * 512  # block rounding of the stand-in tensors
+    assert quant.breakdown[Category.OPTIMIZER_STATE] == plain.breakdown[Category.OPTIMIZER_STATE]
+    assert any("quantized to nf4-dq" in n for n in quant.notes)
+
+
+def test_model_with_real_bitsandbytes_layers_is_traced() -> None:
+    model = nn.Sequential(bnb.nn.Linear4bit(256, 512, compute_dtype=torch.bfloat16, quant_type="nf4"), nn.ReLU(),
+                          nn.Linear(512, 8))
+    model[0].weight = bnb.nn.Params4bit(torch.randn(512, 256), requires_grad=False, quant_type="nf4")._quantize("cpu")
+    x = torch.randn(4, 256)
+    est = memguard.estimate(model, x, loss_fn=lambda m, b: m(b).float().sum(), precision="bf16-true", device="cpu")
+    assert any("bitsandbytes layers" in n for n in est.notes)
+    packed = sum(QuantScheme("nf4").storage_bytes(512, 256))
+    assert est.breakdown[Category.PARAMETERS] >= packed
+
+
+def test_unknown_quantization_lists_the_modes() -> None:
+    with pytest.raises(InvalidArgumentError, match=r"unknown quantization 'nf3'.*nf4"):
+        memguard.estimate(MLP(), torch.randn(2, 256), quantization="nf3")
