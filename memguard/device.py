@@ -15,6 +15,7 @@ the device itself does on top:
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
+
+from memguard.allocator import AllocatorConfig, simulate
 
 CUDA_BLOCK = 512
 """The CUDA caching allocator rounds every block up to a multiple of 512 bytes."""
@@ -300,9 +303,20 @@ class CUDADevice(DeviceModel):
 
     compute_capability: tuple[int, int] = (8, 0)
     attention: str = "flash"
+    context: int = 400 * 2**20
+    """CUDA context and kernel images outside the allocator (see gpu_catalog for the basis)."""
+    alloc_conf: AllocatorConfig = field(default_factory=lambda: AllocatorConfig.parse(
+        os.environ.get("PYTORCH_CUDA_ALLOC_CONF")))
     name: str = "cuda"
     optimizer_impl: str = "foreach"
     _workspaces: set = field(default_factory=set)
+
+    def reserved(self, sizes: list[int], events: list[int], peak: int) -> int:
+        """Replay the allocations through the caching allocator model: its peak of reserved segments."""
+        return max(peak, simulate(sizes, events, self.alloc_conf).peak_reserved)
+
+    def context_bytes(self) -> int:
+        return self.context
 
     def round_up(self, nbytes: int) -> int:
         return 0 if nbytes == 0 else -(-nbytes // CUDA_BLOCK) * CUDA_BLOCK

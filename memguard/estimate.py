@@ -43,7 +43,7 @@ class Estimate:
     bytes (device "cpu"); ``reserved_bytes`` what the caching allocator holds at that moment;
     ``device_bytes`` what NVML / nvidia-smi would show (reserved plus the CUDA context). ``breakdown`` is
     the allocated peak split by :class:`Category`, plus ``allocator`` and ``context`` for the device
-    view. ``per_rank`` lists each rank's peak under a distributed strategy (one entry otherwise).
+    view; ``phase_peaks`` / ``phase_breakdowns`` give the same per phase ("step2.backward"...). ``per_rank`` lists each rank's peak under a distributed strategy (one entry otherwise).
     """
 
     peak_bytes: int
@@ -53,6 +53,7 @@ class Estimate:
     timeline: list[TimelinePoint]
     peak_phase: str
     phase_peaks: dict[str, int]
+    phase_breakdowns: dict[str, dict[Category, int]]
     device: str
     precision: str
     optimizer: str
@@ -172,27 +173,30 @@ def estimate(
 
 
 def summarize(trace: Trace, dev: DeviceModel) -> Estimate:
-    """Walk the trace once with the device's rounding: peak, where it happens, and what is live there."""
+    """Walk the trace once with the device's rounding: peak, where it happens, and what is live there,
+    overall and at each phase's own peak (the planner's what-ifs start from the phase breakdowns)."""
     sizes = [dev.round_up(n) for n in trace.sizes]
     events = trace.events
-    live = best = 0
-    best_index = -1
+    live = 0
     curve: list[int] = []
     for ev in events:
         live += sizes[ev - 1] if ev > 0 else -sizes[-ev - 1]
         curve.append(live)
-        if live > best:
-            best, best_index = live, len(curve) - 1
-
-    breakdown = {c: 0 for c in ALLOCATED_CATEGORIES}
-    for aid in trace.live_at(best_index) if best_index >= 0 else []:
-        breakdown[trace.categories[aid]] += sizes[aid]
 
     phase_peaks: dict[str, int] = {}
+    phase_breakdowns: dict[str, dict[Category, int]] = {}
     bounds = [start for start, _ in trace.phases] + [len(events)]
     for (start, name), end in zip(trace.phases, bounds[1:]):
-        if end > start:
-            phase_peaks[name] = max(phase_peaks.get(name, 0), max(curve[start:end]))
+        if end > start and name != "end":
+            index = max(range(start, end), key=curve.__getitem__)
+            if curve[index] >= phase_peaks.get(name, -1):
+                phase_peaks[name] = curve[index]
+                phase_breakdowns[name] = _breakdown(trace, sizes, index)
+    if phase_peaks:
+        peak_phase = max(phase_peaks, key=phase_peaks.__getitem__)
+        best, breakdown = phase_peaks[peak_phase], dict(phase_breakdowns[peak_phase])
+    else:
+        peak_phase, best, breakdown = "setup", 0, {c: 0 for c in ALLOCATED_CATEGORIES}
 
     reserved = dev.reserved(sizes, events, best)
     breakdown[Category.ALLOCATOR] = reserved - best
@@ -204,13 +208,21 @@ def summarize(trace: Trace, dev: DeviceModel) -> Estimate:
         device_bytes=reserved + context,
         breakdown=breakdown,
         timeline=_downsample(curve, trace),
-        peak_phase=trace.phase_of(best_index) if best_index >= 0 else "setup",
+        peak_phase=peak_phase,
         phase_peaks=phase_peaks,
+        phase_breakdowns=phase_breakdowns,
         device=dev.name,
         precision="",
         optimizer="",
         per_rank=[best],
     )
+
+
+def _breakdown(trace: Trace, sizes: list[int], index: int) -> dict[Category, int]:
+    out = {c: 0 for c in ALLOCATED_CATEGORIES}
+    for aid in trace.live_at(index):
+        out[trace.categories[aid]] += sizes[aid]
+    return out
 
 
 def _downsample(curve: list[int], trace: Trace) -> list[TimelinePoint]:
