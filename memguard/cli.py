@@ -1,0 +1,160 @@
+"""The ``memguard`` command line.
+
+Exit codes:
+
+- 0: success (for ``gpus``, also when no GPU is visible: having none is a fact, not an error);
+- 2: invalid input: a usage error, an unknown name, any error memguard raises about its input. The message
+  goes to stderr, with a traceback only under ``--debug``.
+
+Diagnostics go to stderr; ``--json`` output to stdout. Each subcommand is a function in ``_HANDLERS`` that
+takes the parsed arguments and returns the exit code; the real work happens in the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from memguard.errors import MemguardError
+
+EXIT_OK = 0
+EXIT_INVALID = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``memguard`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return exc.code if isinstance(exc.code, int) else EXIT_INVALID
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print("memguard: error: a command is required (see memguard --help)", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        return _HANDLERS[args.command](args)
+    except BrokenPipeError:  # `memguard gpus --json | head`: the reader left, nothing to report
+        _silence_stdout()
+        return EXIT_OK
+    except MemguardError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"memguard: error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per entry of ``_HANDLERS``."""
+    parser = argparse.ArgumentParser(
+        prog="memguard",
+        description="Predict the peak GPU memory of a training run before it starts.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gpus = commands.add_parser("gpus", help="list the GPUs this process can use, or the GPU catalog",
+                               description="List the GPUs this process can use (NVML), or the GPU catalog.")
+    gpus.add_argument("--json", action="store_true", help="print JSON on stdout")
+    gpus.add_argument("--catalog", action="store_true", help="list the GPU models memguard knows offline")
+    gpus.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------
+# memguard gpus
+
+
+def _cmd_gpus(args: argparse.Namespace) -> int:
+    """``memguard gpus [--json] [--catalog]``."""
+    if args.catalog:
+        return _print_catalog(args.json)
+    from memguard.gpus import discover
+
+    found = discover()
+    if args.json:
+        payload = {"gpus": [_gpu_json(g) for g in found.gpus], "error": found.error}
+        print(json.dumps(payload, indent=2))
+    elif found.gpus:
+        print(_gpu_table(found.gpus))
+    if found.error:
+        print(found.error, file=sys.stderr)
+    for gpu in found.gpus:
+        if gpu.error:
+            print(f"GPU {gpu.index} ({gpu.name}): {gpu.error}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _gpu_json(gpu: Any) -> dict[str, Any]:
+    """A discovered GPU as JSON-ready data; sizes stay in bytes."""
+    return asdict(gpu)  # tuples (compute capability, MIG devices) become JSON lists
+
+
+def _gpu_table(gpus: list[Any]) -> str:
+    """The visible GPUs as a text table."""
+    from memguard.report import format_bytes, render_table
+
+    headers = ["index", "name", "total", "free", "used", "other processes", "compute", "bf16", "MIG"]
+    rows = []
+    for g in gpus:
+        if g.error and not g.total_bytes:
+            rows.append([g.index, g.name, "-", "-", "-", "-", "-", "-", f"error: {g.error}"])
+            continue
+        cc = f"{g.compute_capability[0]}.{g.compute_capability[1]}" if g.compute_capability else "?"
+        rows.append([
+            g.index, g.name, format_bytes(g.total_bytes), format_bytes(g.free_bytes), format_bytes(g.used_bytes),
+            format_bytes(g.other_process_bytes), cc, "yes" if g.bf16 else "no", _mig_cell(g),
+        ])
+    return render_table(headers, rows, align="<<>>>>><<")
+
+
+def _mig_cell(gpu: Any) -> str:
+    """MIG state in a few words: off, the selected device, or how many instances exist."""
+    if not gpu.mig_mode:
+        return "off"
+    if gpu.selected_mig:
+        return gpu.mig[0].name if gpu.mig else gpu.selected_mig
+    return f"on ({len(gpu.mig)} instance{'' if len(gpu.mig) == 1 else 's'})"
+
+
+def _print_catalog(as_json: bool) -> int:
+    """``memguard gpus --catalog``: the GPU models memguard can plan for without the hardware."""
+    from memguard.gpu_catalog import CATALOG
+    from memguard.report import format_bytes, render_table
+
+    if as_json:
+        print(json.dumps({"catalog": [asdict(gpu) for gpu in CATALOG]}, indent=2))
+        return EXIT_OK
+    headers = ["name", "arch", "compute", "total", "usable", "context", "bf16", "attention", "NVML"]
+    rows = [
+        [g.name, g.architecture, f"{g.compute_capability[0]}.{g.compute_capability[1]}",
+         format_bytes(g.total_bytes), format_bytes(g.usable_bytes), format_bytes(g.context_bytes),
+         "yes" if g.bf16 else "no", ",".join(g.attention), "yes" if g.nvml else "no"]
+        for g in CATALOG
+    ]
+    print(render_table(headers, rows, align="<<<>>><<<"))
+    return EXIT_OK
+
+
+_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "gpus": _cmd_gpus,
+}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
