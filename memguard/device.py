@@ -18,7 +18,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -62,6 +62,10 @@ class DeviceModel:
 
     def kernel_mode(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
+
+    def fresh(self) -> DeviceModel:
+        """A copy ready for a new trace (per-trace state reset, measurement caches shared)."""
+        return self
 
     def reserved(self, sizes: list[int], events: list[int], peak: int) -> int:
         """Bytes the allocator holds at its high-water mark (no cache: exactly the allocated peak)."""
@@ -112,12 +116,22 @@ def _allocator_events(prof: Any) -> list[tuple[int, int, int]]:
     return out
 
 
-# oneDNN-backed kernels reorder into blocked layouts or keep workspaces in any precision.
+# Kernels seen keeping scratch the dispatcher cannot see, in any precision: oneDNN convolutions and LSTMs
+# reorder into blocked layouts or keep workspaces; attention, normalization, softmax and embedding
+# backward kernels keep per-thread accumulation buffers.
 _ALWAYS_PROBED = {
     "aten.convolution.default", "aten.convolution_backward.default",
     "aten.mkldnn_rnn_layer.default", "aten.mkldnn_rnn_layer_backward.default",
     "aten._scaled_dot_product_flash_attention_for_cpu.default",
     "aten._scaled_dot_product_flash_attention_for_cpu_backward.default",
+    "aten.native_layer_norm.default", "aten.native_layer_norm_backward.default",
+    "aten.native_batch_norm.default", "aten.native_batch_norm_backward.default",
+    "aten._native_batch_norm_legit.default", "aten._native_batch_norm_legit_functional.default",
+    "aten.native_group_norm.default", "aten.native_group_norm_backward.default",
+    "aten._fused_rms_norm.default", "aten._fused_rms_norm_backward.default",
+    "aten._safe_softmax.default", "aten._softmax.default", "aten._log_softmax.default",
+    "aten._softmax_backward_data.default", "aten._log_softmax_backward_data.default",
+    "aten.embedding_dense_backward.default", "aten.nll_loss_forward.default", "aten.nll_loss_backward.default",
 }
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -154,6 +168,9 @@ class CPUDevice(DeviceModel):
     _cache: dict = field(default_factory=dict)
     _notes: list = field(default_factory=list)
     _resized: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
+
+    def fresh(self) -> CPUDevice:
+        return replace(self, _notes=[], _resized=WeakIdKeyDictionary())
 
     def op_memory(self, func: Any, args: tuple, kwargs: dict, outputs: list) -> OpMemory:
         if not _may_hide_memory(func, args, kwargs, outputs):
@@ -310,6 +327,9 @@ class CUDADevice(DeviceModel):
     name: str = "cuda"
     optimizer_impl: str = "foreach"
     _workspaces: set = field(default_factory=set)
+
+    def fresh(self) -> CUDADevice:
+        return replace(self, _workspaces=set())
 
     def reserved(self, sizes: list[int], events: list[int], peak: int) -> int:
         """Replay the allocations through the caching allocator model: its peak of reserved segments."""

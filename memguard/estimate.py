@@ -18,7 +18,7 @@ from memguard import checkpointing
 from memguard.categories import ALLOCATED_CATEGORIES, Category
 from memguard.device import DeviceModel, device_model
 from memguard.errors import InvalidArgumentError, TraceError
-from memguard.optimizers import adam_like_bound, make_factory
+from memguard.optimizers import ShapeOnlyOptimizer, adam_like_bound, make_factory
 from memguard.precision import Precision
 from memguard.quantization import QuantScheme, quantize_linears, replace_bnb_layers
 from memguard.trace import StepProgram, Trace, default_loss_fn, trace_training
@@ -97,6 +97,8 @@ def estimate(
     steps: int = 2,
     on_untraceable: str = "raise",
     quantization: str | None = None,
+    accumulate_grad_batches: int = 1,
+    optimizer_offload: bool = False,
 ) -> Estimate:
     """Predict the peak memory of training ``model`` on ``batch``.
 
@@ -110,6 +112,9 @@ def estimate(
     ``quantization`` ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8", as Lightning's BitsandbytesPrecision)
     stores the frozen linear layers' weights as bitsandbytes does; bitsandbytes layers already in the model
     are recognised without it.
+    ``accumulate_grad_batches``: micro-batches per optimizer step (the gradients of the first live through
+    the others). ``optimizer_offload``: the optimizer's state and step live in host memory (as with
+    torchao's CPUOffloadOptimizer or DeepSpeed's offload), so the device keeps none of it.
     ``on_untraceable="bound"``: when only the optimizer cannot be traced, return a conservative bound
     (Adam-sized state, foreach-sized step scratch) marked ``approximate`` instead of raising.
     """
@@ -120,15 +125,20 @@ def estimate(
         raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if steps < 1:
         raise InvalidArgumentError(f"steps must be >= 1, got {steps}")
+    if accumulate_grad_batches < 1:
+        raise InvalidArgumentError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
     prec = Precision.parse(precision)
-    dev = device_model(device)
+    dev = device_model(device).fresh()
     impl = optimizer_impl or dev.optimizer_impl
     factory, opt_label = make_factory(optimizer, impl, optimizer_kwargs)
+    if optimizer_offload and factory is not None:
+        factory, opt_label = host_offloaded, f"{opt_label}, offloaded to host"
     program = StepProgram(
         loss_fn=loss_fn or default_loss_fn,
         autocast_dtype=prec.autocast_dtype,
         steps=steps,
         zero_grad_before_backward=zero_grad_before_backward,
+        accumulate=accumulate_grad_batches,
     )
     notes: list[str] = []
     compute = prec.param_dtype or prec.autocast_dtype or torch.bfloat16
@@ -160,16 +170,21 @@ def estimate(
         notes.append(f"approximate: the optimizer could not be traced ({exc.operation}); bounded by Adam-sized "
                      "state and a foreach-sized step transient")
         approximate = True
-        dev = device_model(device)
+        dev = device_model(device).fresh()
         trace = trace_training(model, batch, adam_like_bound, program, param_dtype=prec.param_dtype,
                                prepare=prepare, device=dev)
     result = summarize(trace, dev)
     result.approximate = approximate
     result.precision = str(prec)
-    result.optimizer = f"{opt_label} ({impl})" if factory is not None else "none"
+    result.optimizer = (opt_label if optimizer_offload else f"{opt_label} ({impl})") if factory is not None else "none"
     result.notes = notes + trace.notes + dev.notes()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def host_offloaded(params: list[nn.Parameter]) -> ShapeOnlyOptimizer:
+    """The device side of an optimizer whose state and step live in host memory: nothing is kept."""
+    return ShapeOnlyOptimizer(params, state_bytes=lambda p: 0)
 
 
 def summarize(trace: Trace, dev: DeviceModel) -> Estimate:

@@ -346,6 +346,8 @@ class StepProgram:
     autocast_dtype: torch.dtype | None = None
     steps: int = 2
     zero_grad_before_backward: bool = False
+    accumulate: int = 1
+    """Micro-batches per optimizer step; later ones accumulate into the gradients the first created."""
 
 
 def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -419,11 +421,15 @@ def run_steps(
             _tag_optimizer_state(recorder, optimizer)
     first: _StepRecord | None = None
     for step in range(1, program.steps + 1):
-        if first is not None and first.replayable:
-            _replay_forward_backward(first, step, params, optimizer, program, recorder, mode)
-        else:
-            record = _trace_forward_backward(model, batch, step, params, optimizer, program, recorder, mode)
-            first = first or record
+        for micro in range(program.accumulate):
+            label = f"step{step}" if program.accumulate == 1 else f"step{step}.micro{micro + 1}"
+            zero_first = program.zero_grad_before_backward and micro == 0
+            if first is not None and first.replayable and program.accumulate == 1:
+                _replay_forward_backward(first, label, params, optimizer, zero_first, recorder, mode)
+            else:
+                record = _trace_forward_backward(model, batch, label, params, optimizer, program, zero_first,
+                                                 recorder, mode)
+                first = first or record
         if optimizer is not None:
             shadows.take_grads()
             with _phase(recorder, mode, f"step{step}.optimizer"), unset_fake_temporarily(), mode.reading_scalars():
@@ -481,10 +487,10 @@ class _StepRecord:
     replayable: bool
 
 
-def _trace_forward_backward(model, batch, step, params, optimizer, program, recorder, mode) -> _StepRecord:  # noqa: ANN001
+def _trace_forward_backward(model, batch, label, params, optimizer, program, zero_first, recorder, mode) -> _StepRecord:  # noqa: ANN001
     events = recorder.trace.events
     live_before = set(recorder._live)
-    with _phase(recorder, mode, f"step{step}.forward"):
+    with _phase(recorder, mode, f"{label}.forward"):
         f0 = len(events)
         with _autocast(program.autocast_dtype):
             loss = program.loss_fn(model, batch)
@@ -492,10 +498,10 @@ def _trace_forward_backward(model, batch, step, params, optimizer, program, reco
             raise TraceError(f"loss_fn returned {type(loss).__name__}; it must return a scalar tensor.")
         recorder.tag_live_from_current_phase(Category.ACTIVATIONS)
         forward = events[f0:]
-    if program.zero_grad_before_backward and optimizer is not None:
-        with _phase(recorder, mode, f"step{step}.zero_grad"):
+    if zero_first and optimizer is not None:
+        with _phase(recorder, mode, f"{label}.zero_grad"):
             optimizer.zero_grad(set_to_none=True)
-    with _phase(recorder, mode, f"step{step}.backward"):
+    with _phase(recorder, mode, f"{label}.backward"):
         b0 = len(events)
         if loss.requires_grad:
             loss.backward()
@@ -529,14 +535,14 @@ def _trace_forward_backward(model, batch, step, params, optimizer, program, reco
     return _StepRecord(forward, backward, grads, replayable)
 
 
-def _replay_forward_backward(first, step, params, optimizer, program, recorder, mode) -> None:  # noqa: ANN001
+def _replay_forward_backward(first, label, params, optimizer, zero_first, recorder, mode) -> None:  # noqa: ANN001
     remap: dict[int, int] = {}
-    with _phase(recorder, mode, f"step{step}.forward"):
+    with _phase(recorder, mode, f"{label}.forward"):
         recorder.replay(first.forward, remap)
-    if program.zero_grad_before_backward and optimizer is not None:
-        with _phase(recorder, mode, f"step{step}.zero_grad"):
+    if zero_first and optimizer is not None:
+        with _phase(recorder, mode, f"{label}.zero_grad"):
             optimizer.zero_grad(set_to_none=True)
-    with _phase(recorder, mode, f"step{step}.backward"):
+    with _phase(recorder, mode, f"{label}.backward"):
         recorder.replay(first.backward, remap)
         with recorder.paused():
             for p, aid, shape, stride, dtype in first.grads:
@@ -554,6 +560,25 @@ def _tag_optimizer_state(recorder: _Recorder, optimizer: Any) -> None:
         for v in values:
             if isinstance(v, torch.Tensor):
                 recorder.tag(v, Category.OPTIMIZER_STATE)
+
+
+@contextlib.contextmanager
+def _counted_rng_states(recorder: _Recorder) -> Iterator[None]:
+    """torch.utils.checkpoint keeps a copy of the CPU generator's state (5056 bytes) per checkpointed call
+    until its backward. The copy is made outside the dispatcher; on a CPU target it is device memory."""
+    original = torch.get_rng_state
+
+    def get_rng_state() -> torch.Tensor:
+        state = original()
+        if not recorder.is_paused:
+            recorder.track(state, Category.ACTIVATIONS)
+        return state
+
+    torch.get_rng_state = get_rng_state
+    try:
+        yield
+    finally:
+        torch.get_rng_state = original
 
 
 def trace_training(
@@ -594,7 +619,8 @@ def trace_training(
             recorder.track(leaf, Category.INPUTS)
 
     mode = _RecordingMode(recorder, device)
-    with fake_mode, mode, device.kernel_mode():
+    rng_states = _counted_rng_states(recorder) if device.name == "cpu" else contextlib.nullcontext()
+    with fake_mode, mode, device.kernel_mode(), rng_states:
         run_steps(twin, fbatch, make_optimizer, program, recorder, mode)
     trace = recorder.finish()
     del twin, fbatch

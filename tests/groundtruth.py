@@ -54,6 +54,7 @@ def measure_peak(
     steps: int = 2,
     zero_grad_before_backward: bool = False,
     prepare=None,
+    accumulate: int = 1,
 ) -> int:
     """Real CPU peak of live tensor bytes of ``steps`` training steps, run on a copy of ``model``."""
     model = copy.deepcopy(model)
@@ -71,13 +72,14 @@ def measure_peak(
     torch.manual_seed(0)
     with autograd_profile(profile_memory=True, use_cpu=True) as prof:
         for _ in range(steps):
-            ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-            with ctx:
-                loss = loss_fn(model, batch)
-            if zero_grad_before_backward and opt is not None:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            del loss
+            for micro in range(accumulate):
+                ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+                with ctx:
+                    loss = loss_fn(model, batch)
+                if zero_grad_before_backward and opt is not None and micro == 0:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                del loss
             if opt is not None:
                 opt.step()
                 if not zero_grad_before_backward:

@@ -34,6 +34,7 @@ def measured(case: Case) -> int:
         param_dtype=TRUE_HALF.get(case.precision),
         zero_grad_before_backward=case.zero_grad_before_backward,
         prepare=checkpointing.enable if case.gradient_checkpointing else None,
+        accumulate=case.accumulate,
     )
 
 
@@ -48,6 +49,7 @@ def predicted(case: Case) -> memguard.Estimate:
         device="cpu",
         gradient_checkpointing=case.gradient_checkpointing,
         zero_grad_before_backward=case.zero_grad_before_backward,
+        accumulate_grad_batches=case.accumulate,
     )
 
 

@@ -22,6 +22,7 @@ class Case:
     precision: str = "32-true"
     gradient_checkpointing: bool | None = None
     zero_grad_before_backward: bool = False
+    accumulate: int = 1
     loss_fn: Callable | None = None
     extra: dict = field(default_factory=dict)
 
@@ -251,6 +252,8 @@ CASES = [
     Case("decoder_bf16_mixed", Decoder, lambda: _ids(4, 64), precision="bf16-mixed"),
     Case("vit_bf16_true", ViT, lambda: (_img(8, 3, 32), torch.randint(0, 10, (8,))), precision="bf16-true"),
     Case("decoder_lightning_order", Decoder, lambda: _ids(4, 64), zero_grad_before_backward=True),
+    Case("decoder_accumulate_3", Decoder, lambda: _ids(4, 64), accumulate=3),
+    Case("decoder_accumulate_lightning", Decoder, lambda: _ids(4, 64), accumulate=2, zero_grad_before_backward=True),
     Case("hf_llama", _hf_llama, _lm_batch),
     Case("hf_llama_bf16_mixed_ckpt", _hf_llama, _lm_batch, precision="bf16-mixed", gradient_checkpointing=True),
     Case("hf_gpt2", _hf_gpt2, _lm_batch),

@@ -1,0 +1,296 @@
+"""The planner: the cheapest change to a training configuration that makes it fit.
+
+Pure: it gets a function that estimates a configuration and a capacity, and searches the allowed knobs
+in order of expected cost. Nothing here touches a GPU, NVML or Lightning.
+
+The cost model (stated here once, and printed with every plan) ranks changes by what they cost the user
+in speed or numerics, not by how much memory they save:
+
+===================  =====  ===========================================================================
+knob                 cost   why
+===================  =====  ===========================================================================
+precision            1      bf16/fp16 mixed precision is usually faster; numerics change slightly
+                            (bf16-true: 2, weights and optimizer state lose precision)
+optimizer            2-4    8-bit AdamW (2) and 4-bit AdamW (3) quantize the moments; Adafactor (4)
+                            changes the optimizer's behaviour
+micro_batch          2/x2   each halving of the micro-batch (with doubled accumulation, same effective
+                            batch) lowers GPU utilisation
+checkpointing        3      recomputes the forward in backward: about a third more compute
+offload              6      optimizer state on the host: the step waits on PCIe transfers
+===================  =====  ===========================================================================
+
+Candidates are evaluated lazily in cost order: the first whose own estimate fits (with the margin) wins,
+so a plan never relies on a scaled guess.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from memguard.errors import InvalidArgumentError, unknown_name
+from memguard.estimate import Estimate, estimate
+
+KNOBS = ("precision", "optimizer", "micro_batch", "checkpointing", "offload")
+"""Every knob the planner can turn, in the default order of preference for equal cost."""
+
+DEFAULT_MARGIN = 0.05
+"""Safety margin on top of the prediction: a plan fits when prediction x (1 + margin) <= capacity.
+Sized to the worst error measured against published GPU runs (see README, "Accuracy on GPUs")."""
+
+_ADAM_FAMILY = ("adam", "adamw")
+_OPTIMIZER_COST = {"adamw8bit": 2.0, "ao_adamw8bit": 2.0, "ao_adamw4bit": 3.0, "adafactor": 4.0}
+_OPTIMIZER_WHY = {
+    "adamw8bit": "8-bit AdamW (bitsandbytes) quantizes the moments; numerics change slightly",
+    "ao_adamw8bit": "8-bit AdamW (torchao) quantizes the moments; numerics change slightly",
+    "ao_adamw4bit": "4-bit AdamW (torchao) quantizes the moments more coarsely",
+    "adafactor": "Adafactor factorizes the second moment; training dynamics change",
+}
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The knobs of a run the planner may change. ``optimizer`` is a catalog name; anything the planner
+    must not touch (model, data, strategy) stays with the caller's estimate function."""
+
+    precision: str = "32-true"
+    optimizer: str = "adamw"
+    micro_batch_size: int = 1
+    accumulate_grad_batches: int = 1
+    gradient_checkpointing: bool = False
+    optimizer_offload: bool = False
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.micro_batch_size * self.accumulate_grad_batches
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change a plan makes, with how to make it by hand and what it costs."""
+
+    knob: str
+    before: str
+    after: str
+    how: str
+    cost: float
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.knob}: {self.before} -> {self.after} ({self.how}; cost {self.cost:g}: {self.why})"
+
+
+@dataclass
+class Plan:
+    """The planner's answer. ``fits`` False means nothing allowed fits; ``config`` / ``estimate`` are then
+    the closest miss. ``tried`` lists every configuration estimated, with its required bytes."""
+
+    fits: bool
+    config: TrainingConfig
+    changes: list[Change]
+    estimate: Estimate
+    capacity_bytes: int
+    margin: float
+    required_bytes: int
+    tried: list[tuple[TrainingConfig, int]] = field(default_factory=list)
+
+    @property
+    def cost(self) -> float:
+        return sum(c.cost for c in self.changes)
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.capacity_bytes - self.required_bytes
+
+
+Evaluate = Callable[[TrainingConfig], Estimate]
+
+
+def required_bytes(est: Estimate, margin: float) -> int:
+    """What a run needs on the device, margin included: NVML-level usage for CUDA, live bytes for the CPU."""
+    return int(est.device_bytes * (1.0 + margin))
+
+
+def plan(
+    base: TrainingConfig,
+    evaluate: Evaluate,
+    capacity_bytes: int,
+    *,
+    allow: Iterable[str] | None = None,
+    bf16_supported: bool = True,
+    allow_bf16_true: bool = False,
+    optimizers_available: Iterable[str] = ("adamw8bit", "ao_adamw8bit", "ao_adamw4bit", "adafactor"),
+    margin: float = DEFAULT_MARGIN,
+    max_evaluations: int = 24,
+    base_estimate: Estimate | None = None,
+) -> Plan:
+    """Search the allowed knobs for the cheapest configuration whose own estimate fits ``capacity_bytes``.
+
+    ``allow`` restricts and orders the knobs (default: all of :data:`KNOBS`); an empty list means the
+    configuration may not change. ``evaluate`` is called at most ``max_evaluations`` times, cheapest
+    candidates first; identical configurations are estimated once.
+    """
+    knobs = _knobs(allow)
+    if capacity_bytes <= 0:
+        raise InvalidArgumentError(f"capacity must be positive, got {capacity_bytes}")
+    if margin < 0:
+        raise InvalidArgumentError(f"margin must be >= 0, got {margin}")
+    cache: dict[TrainingConfig, Estimate] = {}
+    if base_estimate is not None:
+        cache[base] = base_estimate
+    tried: list[tuple[TrainingConfig, int]] = []
+
+    def estimate_of(config: TrainingConfig) -> Estimate:
+        if config not in cache:
+            cache[config] = evaluate(config)
+        return cache[config]
+
+    best_miss: tuple[int, TrainingConfig, list[Change]] | None = None
+    candidates = _candidates(base, knobs, bf16_supported, allow_bf16_true, set(optimizers_available))
+    for config, changes in candidates[:max_evaluations]:
+        est = estimate_of(config)
+        need = required_bytes(est, margin)
+        tried.append((config, need))
+        if need <= capacity_bytes:
+            return Plan(True, config, changes, est, capacity_bytes, margin, need, tried)
+        if best_miss is None or need < best_miss[0]:
+            best_miss = (need, config, changes)
+    assert best_miss is not None  # the base configuration is always the first candidate
+    need, config, changes = best_miss
+    return Plan(False, config, changes, cache[config], capacity_bytes, margin, need, tried)
+
+
+def _knobs(allow: Iterable[str] | None) -> tuple[str, ...]:
+    if allow is None:
+        return KNOBS
+    knobs = tuple(allow)
+    for knob in knobs:
+        if knob not in KNOBS:
+            raise unknown_name("knob", knob, KNOBS)
+    return knobs
+
+
+def _candidates(
+    base: TrainingConfig, knobs: tuple[str, ...], bf16: bool, bf16_true: bool, optimizers: set[str]
+) -> list[tuple[TrainingConfig, list[Change]]]:
+    """Every combination of knob settings, cheapest first (ties: fewer changes, then knob order)."""
+    options: list[list[tuple[dict, Change | None]]] = []
+    for knob in knobs:
+        levels = [({}, None)] + _levels(knob, base, bf16, bf16_true, optimizers)
+        options.append(levels)
+    combos = []
+    for picked in itertools.product(*options):
+        fields: dict = {}
+        changes = []
+        for update, change in picked:
+            fields.update(update)
+            if change is not None:
+                changes.append(change)
+        rank = (sum(c.cost for c in changes), len(changes), [knobs.index(c.knob) for c in changes])
+        combos.append((rank, replace(base, **fields), changes))
+    combos.sort(key=lambda item: item[0])
+    seen: set[TrainingConfig] = set()
+    out = []
+    for _, config, changes in combos:
+        if config not in seen:
+            seen.add(config)
+            out.append((config, changes))
+    return out
+
+
+def _levels(knob: str, base: TrainingConfig, bf16: bool, bf16_true: bool, optimizers: set[str]) -> list:
+    if knob == "precision":
+        out = []
+        if base.precision == "32-true":
+            target = "bf16-mixed" if bf16 else "16-mixed"
+            out.append(({"precision": target}, Change("precision", base.precision, target,
+                                                      f"Trainer(precision='{target}')", 1.0,
+                                                      "mixed precision: usually faster, numerics change slightly")))
+        if bf16_true and bf16 and base.precision in ("32-true", "bf16-mixed", "16-mixed"):
+            out.append(({"precision": "bf16-true"}, Change("precision", base.precision, "bf16-true",
+                                                           "Trainer(precision='bf16-true')", 2.0,
+                                                           "weights and optimizer state in bf16 lose precision")))
+        return out
+    if knob == "optimizer":
+        if base.optimizer not in _ADAM_FAMILY:
+            return []
+        return [({"optimizer": name}, Change("optimizer", base.optimizer, name, _optimizer_how(name),
+                                             _OPTIMIZER_COST[name], _OPTIMIZER_WHY[name]))
+                for name in _OPTIMIZER_COST if name in optimizers]
+    if knob == "micro_batch":
+        out = []
+        size, factor, cost = base.micro_batch_size, 2, 0.0
+        while size % factor == 0 and size // factor >= 1:
+            cost += 2.0
+            new, acc = size // factor, base.accumulate_grad_batches * factor
+            out.append(({"micro_batch_size": new, "accumulate_grad_batches": acc},
+                        Change("micro_batch", f"{size} x {base.accumulate_grad_batches}", f"{new} x {acc}",
+                               f"batch_size={new}, Trainer(accumulate_grad_batches={acc})", cost,
+                               "smaller micro-batches lower GPU utilisation; effective batch unchanged")))
+            factor *= 2
+        return out
+    if knob == "checkpointing":
+        if base.gradient_checkpointing:
+            return []
+        return [({"gradient_checkpointing": True},
+                 Change("checkpointing", "off", "on", "activation checkpointing on the repeated blocks", 3.0,
+                        "recomputes the forward in backward: about a third more compute"))]
+    if knob == "offload":
+        if base.optimizer_offload:
+            return []
+        return [({"optimizer_offload": True},
+                 Change("offload", "off", "on", "optimizer state in host memory", 6.0,
+                        "the optimizer step waits on host transfers"))]
+    raise unknown_name("knob", knob, KNOBS)
+
+
+def _optimizer_how(name: str) -> str:
+    return {
+        "adamw8bit": "bitsandbytes.optim.AdamW8bit",
+        "ao_adamw8bit": "torchao.optim.AdamW8bit",
+        "ao_adamw4bit": "torchao.optim.AdamW4bit",
+        "adafactor": "torch.optim.Adafactor",
+    }[name]
+
+
+def slice_batch(batch: Any, size: int) -> Any:
+    """The first ``size`` samples of a batch whose tensors share a leading batch dimension, as separate
+    tensors (a data loader yields fresh micro-batches, not views into a larger batch)."""
+
+    def cut(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] > size:
+            return x[:size].clone()
+        return x
+
+    return tree_map(cut, batch)
+
+
+def batch_size_of(batch: Any) -> int:
+    """The leading dimension shared by the batch's tensors (1 when it has none)."""
+    sizes = {x.shape[0] for x in tree_flatten(batch)[0] if isinstance(x, torch.Tensor) and x.dim() > 0}
+    return max(sizes) if sizes else 1
+
+
+def estimator(model: torch.nn.Module, batch: Any, **fixed: Any) -> Evaluate:
+    """An :data:`Evaluate` over ``estimate()``: each configuration is traced on its own (micro-batches are
+    sliced from ``batch``); ``fixed`` passes the settings the planner does not change (device, loss_fn,
+    quantization, step order...)."""
+
+    def evaluate(config: TrainingConfig) -> Estimate:
+        return estimate(
+            model,
+            slice_batch(batch, config.micro_batch_size),
+            optimizer=config.optimizer,
+            precision=config.precision,
+            gradient_checkpointing=True if config.gradient_checkpointing else None,
+            accumulate_grad_batches=config.accumulate_grad_batches,
+            optimizer_offload=config.optimizer_offload,
+            **fixed,
+        )
+
+    return evaluate

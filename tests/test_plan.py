@@ -1,0 +1,135 @@
+"""The planner picks the cheapest configuration whose own estimate fits, and that configuration really fits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memguard import InvalidArgumentError, checkpointing
+from memguard.plan import TrainingConfig, _candidates, estimator, plan, required_bytes, slice_batch
+from groundtruth import measure_peak
+from zoo import Decoder, _ids
+
+TORCH_ONLY = ("adafactor",)  # optimizers whose real CPU run the ground truth can replay here
+BATCH = _ids(4, 64)
+BASE = TrainingConfig(precision="32-true", optimizer="adamw", micro_batch_size=4)
+ALLOW = ("precision", "optimizer", "micro_batch", "checkpointing")
+_CACHE: dict = {}
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return Decoder()
+
+
+def _evaluate():
+    """One estimate per configuration for the whole module (the planner's own cache is per call)."""
+    inner = estimator(_model(), BATCH, device="cpu")
+
+    def evaluate(config):
+        if config not in _CACHE:
+            _CACHE[config] = inner(config)
+        return _CACHE[config]
+
+    return evaluate
+
+
+def _all_candidates(allow=None):
+    return _candidates(BASE, tuple(allow or ALLOW), True, False, set(TORCH_ONLY))
+
+
+def _requirements(evaluate, allow=None):
+    return [(c, changes, required_bytes(evaluate(c), 0.0)) for c, changes in _all_candidates(allow)]
+
+
+@pytest.fixture(scope="module")
+def requirements():
+    return _requirements(_evaluate())
+
+
+def _expected(reqs, capacity):
+    return next((c for c, _, need in reqs if need <= capacity), None)
+
+
+def _real_peak(config: TrainingConfig) -> int:
+    opt = {"adamw": lambda ps: torch.optim.AdamW(ps), "adafactor": lambda ps: torch.optim.Adafactor(ps)}[config.optimizer]
+    return measure_peak(
+        _model(),
+        slice_batch(BATCH, config.micro_batch_size),
+        opt,
+        autocast_dtype=torch.bfloat16 if config.precision == "bf16-mixed" else None,
+        prepare=checkpointing.enable if config.gradient_checkpointing else None,
+        accumulate=config.accumulate_grad_batches,
+    )
+
+
+def test_base_that_fits_is_kept_unchanged(requirements) -> None:
+    base_need = requirements[0][2]
+    result = plan(BASE, _evaluate(), base_need + 1, allow=ALLOW, margin=0.0, optimizers_available=TORCH_ONLY)
+    assert result.fits and result.config == BASE and result.changes == []
+
+
+@pytest.mark.parametrize("rank", [1, 3, 6])
+def test_cheapest_fitting_plan_is_chosen_and_really_fits(requirements, rank: int) -> None:
+    base_need = requirements[0][2]
+    smaller = sorted({need for _, _, need in requirements if need < base_need})
+    capacity = smaller[min(rank, len(smaller) - 1)]
+    expected = _expected(requirements, capacity)
+    result = plan(BASE, _evaluate(), capacity, allow=ALLOW, margin=0.0, optimizers_available=TORCH_ONLY,
+                  max_evaluations=500)
+    assert result.fits
+    assert result.config == expected
+    assert result.required_bytes <= capacity
+    assert result.config.effective_batch_size == BASE.effective_batch_size
+    # the planned configuration, run for real on the CPU, stays under the capacity
+    assert _real_peak(result.config) <= capacity
+
+
+def test_forbidden_knobs_are_never_used(requirements) -> None:
+    base_need = requirements[0][2]
+    allowed = ("micro_batch",)
+    reqs = _requirements(_evaluate(), allowed)
+    capacity = min(need for _, _, need in reqs)
+    result = plan(BASE, _evaluate(), capacity, allow=allowed, margin=0.0, optimizers_available=TORCH_ONLY)
+    assert result.fits and capacity < base_need
+    assert {c.knob for c in result.changes} == {"micro_batch"}
+    assert result.config.precision == BASE.precision and not result.config.gradient_checkpointing
+    assert result.config.effective_batch_size == BASE.effective_batch_size
+
+
+def test_nothing_fits_returns_the_closest_miss(requirements) -> None:
+    smallest = min(need for _, _, need in requirements)
+    result = plan(BASE, _evaluate(), smallest // 2, allow=ALLOW, margin=0.0, optimizers_available=TORCH_ONLY,
+                  max_evaluations=500)
+    assert not result.fits
+    assert result.required_bytes == smallest
+    assert result.headroom_bytes < 0
+
+
+def test_margin_is_applied() -> None:
+    evaluate = _evaluate()
+    need = required_bytes(evaluate(BASE), 0.0)
+    assert plan(BASE, evaluate, need, margin=0.0, allow=[]).fits
+    assert not plan(BASE, evaluate, need, margin=0.05, allow=[]).fits
+
+
+def test_costs_are_ordered_and_explained() -> None:
+    cands = _all_candidates()
+    costs = [sum(ch.cost for ch in changes) for _, changes in cands]
+    assert costs == sorted(costs)
+    assert cands[0][1] == []
+    for _, changes in cands[1:6]:
+        for ch in changes:
+            assert ch.how and ch.why and ch.cost > 0
+
+
+def test_bf16_unsupported_falls_back_to_fp16_mixed() -> None:
+    cands = _candidates(BASE, ("precision",), False, False, set())
+    assert [c.precision for c, _ in cands] == ["32-true", "16-mixed"]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(InvalidArgumentError, match="unknown knob 'precisoin'.*precision"):
+        plan(BASE, _evaluate(), 10, allow=["precisoin"])
+    with pytest.raises(InvalidArgumentError, match="capacity must be positive"):
+        plan(BASE, _evaluate(), 0)
