@@ -28,6 +28,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 from memguard.allocator import AllocatorConfig, simulate
+from memguard.errors import InvalidArgumentError, unknown_name
+from memguard.gpu_catalog import CatalogGPU, lookup
 
 CUDA_BLOCK = 512
 """The CUDA caching allocator rounds every block up to a multiple of 512 bytes."""
@@ -328,6 +330,15 @@ class CUDADevice(DeviceModel):
     optimizer_impl: str = "foreach"
     _workspaces: set = field(default_factory=set)
 
+    @classmethod
+    def for_gpu(cls, gpu: CatalogGPU, **overrides: Any) -> CUDADevice:
+        """The device model of a catalog GPU: its kernels, cuBLAS workspace size and context."""
+        attention = "flash" if "flash" in gpu.attention else "efficient" if "mem_efficient" in gpu.attention else "math"
+        fields = dict(compute_capability=gpu.compute_capability, attention=attention, context=gpu.context_bytes,
+                      name=f"cuda ({gpu.name})")
+        fields.update(overrides)
+        return cls(**fields)
+
     def fresh(self) -> CUDADevice:
         return replace(self, _workspaces=set())
 
@@ -354,18 +365,20 @@ class CUDADevice(DeviceModel):
         return OpMemory(persistent=cublas_workspace_bytes(self.compute_capability))
 
 
-def device_model(device: str | torch.device | DeviceModel) -> DeviceModel:
-    """The device model for a target device name."""
+def device_model(device: str | torch.device | DeviceModel, gpu: str | CatalogGPU | None = None) -> DeviceModel:
+    """The device model for a target device name (and, for CUDA, a catalog GPU name)."""
     if isinstance(device, DeviceModel):
         return device
+    if gpu is not None:
+        if str(device).split(":")[0] != "cuda":
+            raise InvalidArgumentError(f"gpu={gpu!r} needs device='cuda', got device={device!r}")
+        return CUDADevice.for_gpu(gpu if isinstance(gpu, CatalogGPU) else lookup(gpu))
     kind = torch.device(device).type if not isinstance(device, str) or ":" in device or device in (
         "cpu", "cuda") else device
     if kind == "cpu":
         return CPUDevice()
     if kind == "cuda":
         return CUDADevice()
-    from memguard.errors import unknown_name
-
     raise unknown_name("device", str(device), ["cpu", "cuda"])
 
 

@@ -92,6 +92,7 @@ def estimate(
     optimizer_impl: str | None = None,
     precision: str | Precision = "32-true",
     device: str | DeviceModel = "cuda",
+    gpu: str | Any | None = None,
     gradient_checkpointing: bool | None = None,
     zero_grad_before_backward: bool = False,
     steps: int = 2,
@@ -115,6 +116,8 @@ def estimate(
     ``accumulate_grad_batches``: micro-batches per optimizer step (the gradients of the first live through
     the others). ``optimizer_offload``: the optimizer's state and step live in host memory (as with
     torchao's CPUOffloadOptimizer or DeepSpeed's offload), so the device keeps none of it.
+    ``gpu``: a GPU catalog name ("A100-80GB", "H100") or entry, for its attention kernels, cuBLAS workspace
+    and CUDA context size (default: an sm80-class GPU).
     ``on_untraceable="bound"``: when only the optimizer cannot be traced, return a conservative bound
     (Adam-sized state, foreach-sized step scratch) marked ``approximate`` instead of raising.
     """
@@ -128,7 +131,7 @@ def estimate(
     if accumulate_grad_batches < 1:
         raise InvalidArgumentError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
     prec = Precision.parse(precision)
-    dev = device_model(device).fresh()
+    dev = device_model(device, gpu).fresh()
     impl = optimizer_impl or dev.optimizer_impl
     factory, opt_label = make_factory(optimizer, impl, optimizer_kwargs)
     if optimizer_offload and factory is not None:
@@ -170,7 +173,7 @@ def estimate(
         notes.append(f"approximate: the optimizer could not be traced ({exc.operation}); bounded by Adam-sized "
                      "state and a foreach-sized step transient")
         approximate = True
-        dev = device_model(device).fresh()
+        dev = device_model(device, gpu).fresh()
         trace = trace_training(model, batch, adam_like_bound, program, param_dtype=prec.param_dtype,
                                prepare=prepare, device=dev)
     result = summarize(trace, dev)
