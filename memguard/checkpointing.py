@@ -45,8 +45,12 @@ def _hf(model: nn.Module, new: str, old: str) -> Any:
 
 
 def enable(model: nn.Module) -> str:
-    """Turn checkpointing on in ``model`` (in place); returns how, for reports. Raises if impossible."""
-    if supports_hf_checkpointing(model):
+    """Turn checkpointing on in ``model`` (in place); returns how, for reports. Raises if impossible.
+
+    A transformers model anywhere inside (a LightningModule's ``self.model``) uses its own switch."""
+    hf = next((m for m in model.modules() if supports_hf_checkpointing(m)), None)
+    if hf is not None:
+        model = hf
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -67,8 +71,9 @@ def enable(model: nn.Module) -> str:
 
 
 def disable(model: nn.Module) -> None:
-    if supports_hf_checkpointing(model) and _hf_enabled(model):
-        _hf(model, "activation_checkpointing_disable", "gradient_checkpointing_disable")()
+    for module in model.modules():
+        if supports_hf_checkpointing(module) and _hf_enabled(module):
+            _hf(module, "activation_checkpointing_disable", "gradient_checkpointing_disable")()
 
 
 def _hf_enabled(model: nn.Module) -> bool:
@@ -88,6 +93,6 @@ def _checkpointed(forward: Any) -> Any:
 
 
 def is_enabled(model: nn.Module) -> bool:
-    if supports_hf_checkpointing(model) and _hf_enabled(model):
+    if any(supports_hf_checkpointing(m) and _hf_enabled(m) for m in model.modules()):
         return True
     return any(getattr(m, _WRAPPED, False) for m in model.modules())

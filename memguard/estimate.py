@@ -100,6 +100,8 @@ def estimate(
     quantization: str | None = None,
     accumulate_grad_batches: int = 1,
     optimizer_offload: bool = False,
+    prepare_model: Callable[[nn.Module], None] | None = None,
+    shared: tuple = (),
 ) -> Estimate:
     """Predict the peak memory of training ``model`` on ``batch``.
 
@@ -118,6 +120,8 @@ def estimate(
     torchao's CPUOffloadOptimizer or DeepSpeed's offload), so the device keeps none of it.
     ``gpu``: a GPU catalog name ("A100-80GB", "H100") or entry, for its attention kernels, cuBLAS workspace
     and CUDA context size (default: an sm80-class GPU).
+    ``prepare_model`` runs on memguard's copy of the model before tracing (to silence logging, say);
+    ``shared`` lists objects the model refers to that must not be copied (a Lightning Trainer).
     ``on_untraceable="bound"``: when only the optimizer cannot be traced, return a conservative bound
     (Adam-sized state, foreach-sized step scratch) marked ``approximate`` instead of raising.
     """
@@ -148,6 +152,8 @@ def estimate(
     scheme = QuantScheme.parse(quantization, compute) if quantization else None
 
     def prepare(twin: nn.Module) -> None:
+        if prepare_model is not None:
+            prepare_model(twin)
         replaced = replace_bnb_layers(twin)
         if replaced:
             notes.append(f"{replaced} bitsandbytes layers traced with their storage and dequantization buffers")
@@ -165,7 +171,7 @@ def estimate(
     approximate = False
     try:
         trace = trace_training(model, batch, factory, program, param_dtype=prec.param_dtype, prepare=prepare,
-                               device=dev)
+                               device=dev, shared=shared)
     except TraceError as exc:
         in_optimizer = (exc.phase or "").endswith(("optimizer", "optimizer.init"))
         if on_untraceable != "bound" or not in_optimizer:
@@ -175,7 +181,7 @@ def estimate(
         approximate = True
         dev = device_model(device, gpu).fresh()
         trace = trace_training(model, batch, adam_like_bound, program, param_dtype=prec.param_dtype,
-                               prepare=prepare, device=dev)
+                               prepare=prepare, device=dev, shared=shared)
     result = summarize(trace, dev)
     result.approximate = approximate
     result.precision = str(prec)

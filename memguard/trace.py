@@ -264,14 +264,17 @@ def _fake_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=target, device="cpu")
 
 
-def fake_model_copy(model: nn.Module, mode: FakeTensorMode, param_dtype: torch.dtype | None = None) -> nn.Module:
+def fake_model_copy(
+    model: nn.Module, mode: FakeTensorMode, param_dtype: torch.dtype | None = None, shared: tuple = ()
+) -> nn.Module:
     """Deep-copy the module tree with every parameter, buffer and tensor attribute replaced by a fake one.
 
     The user's tensors are never read (only their shape, stride and dtype), so a model on ``meta`` or on a
     GPU works the same, and nothing of theirs is modified: tied weights stay tied because the memo maps one
-    original object to one fake object.
+    original object to one fake object. Objects in ``shared`` (a Lightning Trainer the module points to)
+    are referenced, not copied.
     """
-    memo: dict[int, Any] = {}
+    memo: dict[int, Any] = {id(obj): obj for obj in shared}
     with mode:
         for module in model.modules():
             for p in module._parameters.values():
@@ -590,6 +593,7 @@ def trace_training(
     param_dtype: torch.dtype | None = None,
     prepare: Callable[[nn.Module], None] | None = None,
     device: DeviceModel | None = None,
+    shared: tuple = (),
 ) -> Trace:
     """Trace ``program`` on a fake twin of ``model``; the user's model and batch are left untouched.
 
@@ -598,7 +602,7 @@ def trace_training(
     """
     device = device or DeviceModel()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
-    twin = fake_model_copy(model, fake_mode, param_dtype)
+    twin = fake_model_copy(model, fake_mode, param_dtype, shared)
     twin.train()
     if prepare is not None:
         with fake_mode:  # layers the preparation creates (quantized stand-ins) must be fake too

@@ -1,0 +1,535 @@
+"""MemGuard: the Lightning callback that decides before the first step whether a run fits, and acts.
+
+The callback is thin: it reads what Lightning is about to train (module, training_step, optimizers,
+precision, accumulation, an example batch), hands it to :mod:`memguard.guard` (capacity, estimate, plan),
+makes every rank agree, and applies the chosen plan through Lightning's own switches:
+
+- in ``setup`` (before the strategy moves the model and builds optimizers): decide; switch the precision
+  plugin; change the data's ``batch_size`` and ``trainer.accumulate_grad_batches``;
+- in ``on_fit_start`` (the model is complete and the optimizers exist): turn on activation checkpointing,
+  swap the optimizer class over the same parameter groups and re-point the LR schedulers;
+- after the first steps on CUDA: compare the prediction with the measured peak.
+
+memguard's own failures never stop training under "warn" or "auto"; under "abort" they raise.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from collections.abc import Iterable, Mapping
+from functools import wraps
+from typing import Any
+from weakref import ref
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from memguard import _lightning, checkpointing
+from memguard.errors import MemguardError
+from memguard.estimate import Estimate, estimate
+from memguard.guard import (
+    Capacity,
+    Decision,
+    OutOfMemoryPredicted,
+    check_policy,
+    decide,
+    detect_capacity,
+    explain,
+    parse_bytes,
+)
+from memguard.optimizers import CATALOG
+from memguard.plan import DEFAULT_MARGIN, KNOBS, TrainingConfig, batch_size_of, slice_batch
+from memguard.precision import Precision
+
+STATE_VERSION = 1
+
+
+class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
+    """Stop a Lightning run that would run out of memory before its first step, or make it fit.
+
+    policy: "auto" applies the cheapest plan that fits (default), "abort" raises
+        :class:`memguard.OutOfMemoryPredicted` before the first step, "warn" only warns.
+    budget: bytes or a size string ("12GiB") to use instead of the device's free memory.
+    margin: safety margin on top of the prediction (stated in every report).
+    allow: the knobs the plan may turn, in order ("precision", "optimizer", "micro_batch",
+        "checkpointing", "offload"); [] forbids any change.
+    example_batch: a batch exactly as ``training_step`` receives it; otherwise the module's
+        ``example_input_array`` (forward only), otherwise the first batch of the train dataloader.
+    batch_arg_name: the attribute (on the module, its hparams or the datamodule) that sets the
+        dataloader's batch size, for the micro-batch knob.
+    check_steps: after this many training steps on CUDA, compare the prediction with the real peak.
+    """
+
+    def __init__(
+        self,
+        policy: str = "auto",
+        budget: int | str | None = None,
+        margin: float = DEFAULT_MARGIN,
+        allow: Iterable[str] | None = None,
+        *,
+        example_batch: Any = None,
+        loss_fn: Any = None,
+        batch_arg_name: str = "batch_size",
+        allow_bf16_true: bool = False,
+        check_steps: int = 2,
+    ) -> None:
+        super().__init__()
+        self.policy = check_policy(policy)
+        self.budget = parse_bytes(budget)
+        self.margin = margin
+        self.allow = tuple(allow) if allow is not None else None
+        if self.allow is not None:
+            for knob in self.allow:
+                if knob not in KNOBS:
+                    from memguard.errors import unknown_name
+
+                    raise unknown_name("knob", knob, KNOBS)
+        self.example_batch = example_batch
+        self.loss_fn = loss_fn
+        self.batch_arg_name = batch_arg_name
+        self.allow_bf16_true = allow_bf16_true
+        self.check_steps = check_steps
+        self.decision: Decision | None = None
+        self.applied: TrainingConfig | None = None
+        self.changes: list[dict] = []
+        self.batch_source = ""
+        self._pending_optimizer: str | None = None
+        self._pending_checkpointing = False
+        self._resumed = False
+        self._checked = False
+
+    # Lightning hooks ------------------------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        saved = self._saved_state(trainer)
+        if saved is not None:
+            self._resumed = True
+            config = TrainingConfig(**saved["config"])
+            self.changes = list(saved.get("changes", []))
+            self._log(trainer, f"memguard: resuming with the plan saved in the checkpoint: {self._summary()}")
+            self._apply_early(trainer, pl_module, self._current_config(trainer, pl_module, None), config)
+            return
+        decision, error = self._decide_safely(trainer, pl_module)
+        verdict = self._agree(trainer, decision, error)
+        self._act(trainer, pl_module, verdict)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        try:
+            if self._pending_checkpointing:
+                how = checkpointing.enable(pl_module)
+                self._log(trainer, f"memguard: activation checkpointing on ({how})")
+            if self._pending_optimizer:
+                self._swap_optimizers(trainer, self._pending_optimizer)
+            if self.applied is not None and trainer.logger is not None and self.changes:
+                trainer.logger.log_hyperparams({"memguard/plan": self._summary(),
+                                                "memguard/config": str(vars(self.applied))})
+        except Exception as exc:  # noqa: BLE001 - never crash training for memguard's own failure
+            if self.policy == "abort":
+                raise MemguardError(f"memguard could not apply its plan: {exc}") from exc
+            warnings.warn(f"memguard could not apply its plan ({exc}); training continues unchanged",
+                          stacklevel=2)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._checked or trainer.global_step < self.check_steps:
+            return
+        self._checked = True
+        device = trainer.strategy.root_device
+        if device.type != "cuda" or self.decision is None:
+            return
+        try:
+            allocated = torch.cuda.max_memory_allocated(device)
+            reserved = torch.cuda.max_memory_reserved(device)
+            est = self._expected_estimate()
+            msg = (f"memguard self-check after {trainer.global_step} steps: max_memory_allocated "
+                   f"{allocated / 2**30:.2f} GiB (predicted {est.peak_bytes / 2**30:.2f} GiB), "
+                   f"max_memory_reserved {reserved / 2**30:.2f} GiB (predicted {est.reserved_bytes / 2**30:.2f} GiB)")
+            self._log(trainer, msg)
+            if allocated > est.peak_bytes or reserved > est.reserved_bytes:
+                warnings.warn(msg + ": the prediction was exceeded", stacklevel=2)
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({"memguard/measured_allocated_bytes": allocated,
+                                            "memguard/predicted_allocated_bytes": est.peak_bytes,
+                                            "memguard/measured_reserved_bytes": reserved,
+                                            "memguard/predicted_reserved_bytes": est.reserved_bytes},
+                                           step=trainer.global_step)
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"memguard self-check failed: {exc}", stacklevel=2)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.applied is None:
+            return {}
+        return {"version": STATE_VERSION, "config": dict(vars(self.applied)), "changes": list(self.changes)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The plan is re-applied from the checkpoint in setup (state is restored only after setup).
+        if state_dict.get("config"):
+            self.applied = TrainingConfig(**state_dict["config"])
+            self.changes = list(state_dict.get("changes", []))
+
+    # Deciding -------------------------------------------------------------------------------------------
+    def _decide_safely(self, trainer: Any, pl_module: Any) -> tuple[Decision | None, str | None]:
+        try:
+            return self._decide(trainer, pl_module), None
+        except Exception as exc:  # noqa: BLE001 - reported to every rank, acted on by policy
+            return None, f"{type(exc).__name__}: {exc}"
+
+    def _decide(self, trainer: Any, pl_module: Any) -> Decision:
+        device = trainer.strategy.root_device
+        capacity = detect_capacity(device, self.budget)
+        batch, loss_fn = self._example(trainer, pl_module)
+        model = self._model_for_estimate(pl_module)
+        optimizer_factory, optimizer_name = self._optimizers(model, device)
+        config = self._current_config(trainer, pl_module, batch)
+        config = TrainingConfig(config.precision, optimizer_name, config.micro_batch_size,
+                                config.accumulate_grad_batches, config.gradient_checkpointing)
+        def prepare(twin: nn.Module) -> None:
+            _silence_logging(twin)
+            if hasattr(twin, "_trainer"):
+                twin._trainer = trainer  # copies drop it; training_step may read trainer state
+
+        fixed: dict[str, Any] = dict(
+            loss_fn=loss_fn, device="cuda" if device.type == "cuda" else "cpu", zero_grad_before_backward=True,
+            prepare_model=prepare, shared=(trainer,),
+        )
+        if device.type == "cuda" and capacity.gpu is not None:
+            fixed["gpu"] = capacity.gpu
+
+        def evaluate(cfg: TrainingConfig) -> Estimate:
+            opt = optimizer_factory if cfg.optimizer == optimizer_name else cfg.optimizer
+            return estimate(model, slice_batch(batch, cfg.micro_batch_size), optimizer=opt, precision=cfg.precision,
+                            gradient_checkpointing=True if cfg.gradient_checkpointing else None,
+                            accumulate_grad_batches=cfg.accumulate_grad_batches,
+                            optimizer_offload=cfg.optimizer_offload, **fixed)
+
+        allow = self._allowed_knobs(trainer, pl_module, device, optimizer_name)
+        return decide(config, evaluate, capacity, policy=self.policy, margin=self.margin, allow=allow,
+                      allow_bf16_true=self.allow_bf16_true, optimizers_available=_optimizers_available())
+
+    def _current_config(self, trainer: Any, pl_module: Any, batch: Any) -> TrainingConfig:
+        precision = str(Precision.parse(trainer.precision))
+        micro = batch_size_of(batch) if batch is not None else 1
+        return TrainingConfig(precision=precision, micro_batch_size=micro,
+                              accumulate_grad_batches=int(trainer.accumulate_grad_batches),
+                              gradient_checkpointing=checkpointing.is_enabled(pl_module))
+
+    def _model_for_estimate(self, pl_module: nn.Module) -> nn.Module:
+        """A meta-device copy with ``configure_model`` run, so layers built there are counted too."""
+        hook = getattr(type(pl_module), "configure_model", None)
+        base = getattr(_lightning.package_of_module(pl_module), "LightningModule", None)
+        if hook is None or base is None or hook is getattr(base, "configure_model", None):
+            return pl_module
+        memo: dict[int, Any] = {id(pl_module._trainer): pl_module._trainer} if pl_module._trainer else {}
+        for p in pl_module.parameters():
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for b in pl_module.buffers():
+            memo[id(b)] = torch.empty_like(b, device="meta")
+        twin = copy.deepcopy(pl_module, memo)
+        with torch.device("meta"):
+            twin.configure_model()
+        return twin
+
+    def _example(self, trainer: Any, pl_module: Any) -> tuple[Any, Any]:
+        """The example batch and the loss function that consumes it, and say where the batch came from."""
+        step_loss = self.loss_fn or _training_step_loss
+        if self.example_batch is not None:
+            self.batch_source = "the example_batch given to MemGuard"
+            return self.example_batch, step_loss
+        example = getattr(pl_module, "example_input_array", None)
+        if example is not None:
+            self.batch_source = "the module's example_input_array (forward pass, summed output as the loss)"
+            return example, self.loss_fn or _forward_sum_loss
+        loader = trainer.fit_loop._data_source.dataloader()
+        iterator = iter(loader)
+        first = next(iterator)
+        self.batch_source = "the first batch of the train dataloader"
+        try:
+            second = next(iterator)
+            if _shapes(second) != _shapes(first):
+                warnings.warn("memguard: training batches vary in shape; only the first batch was traced, so later "
+                              "batches may need more memory. Pass MemGuard(example_batch=...) with the largest batch.",
+                              stacklevel=2)
+        except StopIteration:
+            pass
+        return first, step_loss
+
+    def _optimizers(self, pl_module: Any, device: torch.device) -> tuple[Any, str]:
+        """A factory rebuilding the module's optimizer over memguard's parameter copies, and its catalog name."""
+        configured = pl_module.configure_optimizers()
+        optimizer = _first_optimizer(configured)
+        if optimizer is None:
+            return None, "none"
+        trainable = [p for p in pl_module.parameters() if p.requires_grad]
+        index = {id(p): i for i, p in enumerate(trainable)}
+        groups = []
+        for group in optimizer.param_groups:
+            hyper = {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
+            groups.append((hyper, [index[id(p)] for p in group["params"] if id(p) in index]))
+        cls = type(optimizer)
+        impl = "foreach" if device.type == "cuda" else "for-loop"
+
+        def factory(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+            built = []
+            for hyper, idxs in groups:
+                hyper = dict(hyper)
+                if "foreach" in hyper and hyper["foreach"] is None and not hyper.get("fused"):
+                    hyper["foreach"] = impl == "foreach"
+                built.append({**hyper, "params": [params[i] for i in idxs]})
+            return cls(built)
+
+        name = _catalog_name(cls, optimizer)
+        if name is not None and cls.__module__.split(".")[0] in ("bitsandbytes", "torchao"):
+            return name, name  # cannot run on shape-only tensors: the catalog's stand-in is used
+        return factory, name or cls.__name__
+
+    def _allowed_knobs(self, trainer: Any, pl_module: Any, device: torch.device, optimizer: str) -> tuple[str, ...]:
+        knobs = list(self.allow if self.allow is not None else KNOBS)
+        pkg = _lightning.package_of(trainer)
+        if "micro_batch" in knobs and not pkg.utilities.parsing.lightning_hasattr(pl_module, self.batch_arg_name):
+            knobs.remove("micro_batch")
+        if "offload" in knobs:
+            knobs.remove("offload")  # needs a host-offloading optimizer wrapper this callback does not install
+        return tuple(knobs)
+
+    # Agreeing -------------------------------------------------------------------------------------------
+    def _agree(self, trainer: Any, decision: Decision | None, error: str | None) -> dict[str, Any]:
+        """Every rank contributes its result; all act on the same verdict, so no rank waits alone."""
+        mine = {
+            "rank": trainer.global_rank,
+            "error": error,
+            "fits": decision.fits if decision else None,
+            "plan_fits": bool(decision and decision.plan and decision.plan.fits),
+            "config": vars(decision.plan.config) if decision and decision.plan else None,
+            "changes": [vars(c) for c in decision.plan.changes] if decision and decision.plan else [],
+            "cost": decision.plan.cost if decision and decision.plan else 0.0,
+            "message": explain(decision) if decision else error,
+        }
+        everyone = _all_gather(mine, trainer.world_size)
+        self.decision = decision
+        errors = [r for r in everyone if r["error"]]
+        if errors:
+            return {"action": "error", "detail": errors[0]}
+        if all(r["fits"] for r in everyone):
+            return {"action": "fits", "detail": mine}
+        short = [r for r in everyone if not r["fits"]]
+        if any(not r["plan_fits"] for r in short):
+            worst = next(r for r in short if not r["plan_fits"])
+            return {"action": "nothing_fits", "detail": worst}
+        winner = max(short, key=lambda r: (r["cost"], r["rank"] == 0))
+        return {"action": "plan", "detail": winner}
+
+    def _act(self, trainer: Any, pl_module: Any, verdict: dict[str, Any]) -> None:
+        action, detail = verdict["action"], verdict["detail"]
+        rank = detail.get("rank", 0)
+        if action == "error":
+            msg = f"memguard could not predict this run's memory (rank {rank}): {detail['error']}"
+            if self.policy == "abort":
+                raise MemguardError(msg)
+            warnings.warn(msg + "; training continues unchanged", stacklevel=2)
+            return
+        if self.decision is not None:
+            self._log(trainer, f"memguard: example batch from {self.batch_source}. {explain(self.decision)}")
+        if action == "fits":
+            return
+        if action == "nothing_fits" or self.policy == "abort":
+            message = detail["message"] if rank == trainer.global_rank else f"rank {rank}: {detail['message']}"
+            if self.policy == "warn":
+                warnings.warn(message, stacklevel=2)
+                return
+            raise OutOfMemoryPredicted(message + ("\n\n" + str(self.decision) if self.decision else ""),
+                                       self.decision)
+        if self.policy == "warn":
+            warnings.warn(detail["message"], stacklevel=2)
+            return
+        target = TrainingConfig(**detail["config"])
+        self.changes = detail["changes"]
+        self._apply_early(trainer, pl_module, self._current_config(trainer, pl_module, None), target)
+        self._log(trainer, f"memguard: applying plan: {self._summary()}")
+
+    # Applying -------------------------------------------------------------------------------------------
+    def _apply_early(self, trainer: Any, pl_module: Any, current: TrainingConfig, target: TrainingConfig) -> None:
+        if target.precision != current.precision:
+            trainer.strategy.precision_plugin = precision_plugin(trainer, target.precision)
+        if target.micro_batch_size != current.micro_batch_size or (
+            target.accumulate_grad_batches != current.accumulate_grad_batches
+        ):
+            pkg = _lightning.package_of(trainer)
+            if target.micro_batch_size != current.micro_batch_size or self._resumed:
+                pkg.utilities.parsing.lightning_setattr(pl_module, self.batch_arg_name, target.micro_batch_size)
+            trainer.accumulate_grad_batches = target.accumulate_grad_batches
+        self._pending_checkpointing = target.gradient_checkpointing and not current.gradient_checkpointing
+        self._pending_optimizer = target.optimizer if target.optimizer in CATALOG and any(
+            c.get("knob") == "optimizer" for c in self.changes) else None
+        self.applied = target
+
+    def _swap_optimizers(self, trainer: Any, name: str) -> None:
+        from memguard.optimizers import real_class
+
+        cls = real_class(name)
+        strategy = trainer.strategy
+        new_list = []
+        for old in strategy.optimizers:
+            new = _rebuild(old, cls)
+            for config in strategy.lr_scheduler_configs:
+                if config.scheduler.optimizer is old:
+                    _repoint_scheduler(config.scheduler, new)
+            new_list.append(new)
+        strategy.optimizers = new_list
+        self._log(trainer, f"memguard: optimizer swapped to {cls.__module__}.{cls.__name__}")
+
+    # Reporting ------------------------------------------------------------------------------------------
+    def _summary(self) -> str:
+        return "; ".join(f"{c['knob']}: {c['before']} -> {c['after']} ({c['how']})" for c in self.changes) or "none"
+
+    def _expected_estimate(self) -> Estimate:
+        d = self.decision
+        if d is not None and not d.fits and d.plan is not None and d.plan.fits and self.applied == d.plan.config:
+            return d.plan.estimate
+        return d.estimate
+
+    @staticmethod
+    def _log(trainer: Any, message: str) -> None:
+        if trainer.is_global_zero:
+            _lightning.package_of(trainer).utilities.rank_zero_info(message)
+
+    def _saved_state(self, trainer: Any) -> dict[str, Any] | None:
+        path = getattr(trainer, "ckpt_path", None)
+        if not path:
+            return None
+        try:
+            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except Exception:  # noqa: BLE001 - a checkpoint memguard cannot read: decide anew
+            return None
+        state = ckpt.get("callbacks", {}).get(self.state_key)
+        return state if state and state.get("config") else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers (module level so they are easy to test)
+
+
+def precision_plugin(trainer: Any, precision: str) -> Any:
+    """Lightning's precision plugin for ``precision`` under the trainer's strategy."""
+    pkg = _lightning.package_of(trainer)
+    plugins = pkg.plugins.precision
+    strategy = type(trainer.strategy).__name__
+    if "FSDP" in strategy:
+        return plugins.FSDPPrecision(precision)
+    if "DeepSpeed" in strategy:
+        return plugins.DeepSpeedPrecision(precision)
+    if precision in ("bf16-true", "16-true"):
+        return plugins.HalfPrecision(precision)
+    if precision.endswith("-mixed"):
+        device = "cuda" if trainer.strategy.root_device.type == "cuda" else "cpu"
+        return plugins.MixedPrecision(precision, device)
+    return plugins.Precision()
+
+
+def _silence_logging(model: nn.Module) -> None:
+    """Logging and printing in training_step must not reach the real trainer while memguard traces it."""
+    for name in ("log", "log_dict", "print"):
+        if hasattr(model, name):
+            setattr(model, name, lambda *a, **k: None)
+
+
+def _training_step_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    out = model.training_step(batch, 0)
+    if isinstance(out, Mapping):
+        out = out["loss"]
+    if not isinstance(out, torch.Tensor):
+        raise MemguardError("training_step returned no loss tensor; pass MemGuard(loss_fn=...)")
+    return out
+
+
+def _forward_sum_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    out = model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    leaves = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return sum(t.float().sum() for t in leaves)
+
+
+def _shapes(batch: Any) -> list:
+    return [tuple(t.shape) for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)]
+
+
+def _first_optimizer(configured: Any) -> torch.optim.Optimizer | None:
+    if configured is None:
+        return None
+    if isinstance(configured, torch.optim.Optimizer):
+        return configured
+    if isinstance(configured, Mapping):
+        return _first_optimizer(configured.get("optimizer"))
+    if isinstance(configured, (tuple, list)):
+        for item in configured:
+            found = _first_optimizer(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _catalog_name(cls: type, optimizer: torch.optim.Optimizer) -> str | None:
+    """The catalog name of a real optimizer instance, when memguard knows its class."""
+    defaults = optimizer.defaults
+    for name, row in CATALOG.items():
+        if row.cls_path.rsplit(".", 1)[-1] != cls.__name__ or not cls.__module__.startswith(row.library):
+            continue
+        if name == "sgd_momentum" and not defaults.get("momentum"):
+            continue
+        if name == "sgd" and defaults.get("momentum"):
+            continue
+        return name
+    return None
+
+
+def _optimizers_available() -> tuple[str, ...]:
+    found = []
+    for name in ("adamw8bit", "ao_adamw8bit", "ao_adamw4bit", "adafactor"):
+        row = CATALOG.get(name)
+        if row is None:
+            continue
+        try:
+            row.load_class()
+        except Exception:  # noqa: BLE001 - library missing: the knob skips that optimizer
+            continue
+        found.append(name)
+    return tuple(found)
+
+
+def _rebuild(old: torch.optim.Optimizer, cls: type) -> torch.optim.Optimizer:
+    """The same parameter groups and shared hyperparameters under another optimizer class."""
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    groups = []
+    for group in old.param_groups:
+        kept = {k: v for k, v in group.items() if k == "params" or k == "initial_lr" or k in accepted}
+        groups.append(kept)
+    return cls(groups)
+
+
+def _repoint_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Point an LR scheduler at a new optimizer and re-install its step-counting wrapper."""
+    scheduler.optimizer = optimizer
+    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        return
+    opt_ref = ref(optimizer)
+    func = optimizer.step.__func__
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opt = opt_ref()
+        opt._opt_called = True  # type: ignore[union-attr]
+        return func.__get__(opt, opt.__class__)(*args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = wrapper  # type: ignore[method-assign]
+
+
+def _all_gather(obj: dict[str, Any], world_size: int) -> list[dict[str, Any]]:
+    import torch.distributed as dist
+
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

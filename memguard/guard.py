@@ -1,0 +1,200 @@
+"""Deciding before a run starts: capacity, estimate, plan, policy. Shared by the Lightning callback and the
+standalone preflight, so both front ends say and do the same thing.
+
+This is an edge module (it reads NVML and host memory); the estimate and the plan stay pure.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from memguard.errors import InvalidArgumentError, MemguardError, unknown_name
+from memguard.estimate import Estimate
+from memguard.plan import DEFAULT_MARGIN, Plan, TrainingConfig, plan, required_bytes
+
+POLICIES = ("auto", "abort", "warn")
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class OutOfMemoryPredicted(MemguardError):
+    """The run would not fit (under the policy in force), raised before its first step.
+
+    ``decision`` carries the estimate, the capacity and the plan that would fit (if any).
+    """
+
+    def __init__(self, message: str, decision: Decision | None = None) -> None:
+        super().__init__(message)
+        self.decision = decision
+
+
+def parse_bytes(value: int | float | str | None, what: str = "budget") -> int | None:
+    """``12GiB``, ``"16 GB"``, ``8e9`` or an int -> bytes (GiB = 2**30, GB = 10**9)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise InvalidArgumentError(f"{what} must be positive, got {value}")
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match:
+        raise InvalidArgumentError(f"{what} {value!r} is not a size; write e.g. 12GiB, 16GB or 8000000000")
+    number, unit = float(match.group(1)), (match.group(2) or "b").lower()
+    if unit not in _UNITS:
+        raise unknown_name(f"{what} unit", match.group(2), ["B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"])
+    nbytes = int(number * _UNITS[unit])
+    if nbytes <= 0:
+        raise InvalidArgumentError(f"{what} must be positive, got {value!r}")
+    return nbytes
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise unknown_name("policy", policy, POLICIES)
+    return policy
+
+
+@dataclass
+class Capacity:
+    """How much memory the run may use on its device, and where that number came from."""
+
+    bytes: int
+    source: str
+    gpu: Any = None
+    """The catalog entry of the local GPU, when known (kernels, bf16 support, context size)."""
+    bf16: bool = True
+
+
+def detect_capacity(device: torch.device, budget: int | None = None) -> Capacity:
+    """The free memory of ``device`` now: NVML for a GPU (never creating a CUDA context), available host
+    memory for the CPU. ``budget`` overrides the number (the GPU's kernels still come from NVML)."""
+    if device.type == "cuda":
+        from memguard import gpus
+        from memguard.gpu_catalog import match_device
+
+        index = device.index or 0
+        found = gpus.discover(devices=[index])
+        info = found.gpus[0] if found.gpus else None
+        entry = match_device(info) if info is not None and info.error is None else None
+        bf16 = bool(info.bf16) if info is not None and info.error is None else True
+        if budget is not None:
+            return Capacity(budget, "budget", entry, bf16)
+        if info is None or info.error is not None:
+            reason = found.error or (info.error if info is not None else "no GPU")
+            raise MemguardError(f"cannot read the free memory of {device}: {reason}; pass budget=...")
+        return Capacity(info.free_bytes, f"free memory of GPU {index} ({info.name}) from NVML", entry, bf16)
+    if budget is not None:
+        return Capacity(budget, "budget")
+    import psutil
+
+    return Capacity(int(psutil.virtual_memory().available), "available host memory (psutil)")
+
+
+@dataclass
+class Decision:
+    """What memguard decided for a run: the estimate as configured, the capacity, and the plan.
+
+    ``fits`` is True when the run fits as configured; ``plan`` is the cheapest configuration that fits
+    (None when the configuration was kept, ``plan.fits`` False when nothing allowed fits).
+    """
+
+    fits: bool
+    estimate: Estimate
+    capacity_bytes: int
+    config: TrainingConfig
+    plan: Plan | None
+    policy: str
+    margin: float
+    capacity_source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def required_bytes(self) -> int:
+        return required_bytes(self.estimate, self.margin)
+
+    @property
+    def will_fit(self) -> bool:
+        """Fits as configured, or with the plan."""
+        return self.fits or (self.plan is not None and self.plan.fits)
+
+    @property
+    def chosen(self) -> TrainingConfig:
+        """The configuration to train with: the plan's under auto when it fits, else the original."""
+        if self.policy == "auto" and not self.fits and self.plan is not None and self.plan.fits:
+            return self.plan.config
+        return self.config
+
+    def __str__(self) -> str:
+        from memguard.report import render_report
+
+        return render_report(self.estimate, self.capacity_bytes, plan=self.plan if not self.fits else None,
+                             margin=self.margin)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fits": self.fits,
+            "capacity_bytes": self.capacity_bytes,
+            "capacity_source": self.capacity_source,
+            "policy": self.policy,
+            "margin": self.margin,
+            "as_configured": self.estimate.to_dict(),
+            "plan": None if self.plan is None else {
+                "fits": self.plan.fits,
+                "changes": [vars(c) for c in self.plan.changes],
+                "config": vars(self.plan.config),
+                "device_bytes": self.plan.estimate.device_bytes,
+                "peak_bytes": self.plan.estimate.peak_bytes,
+            },
+        }
+
+
+def decide(
+    config: TrainingConfig,
+    evaluate: Callable[[TrainingConfig], Estimate],
+    capacity: Capacity,
+    *,
+    policy: str = "auto",
+    margin: float = DEFAULT_MARGIN,
+    allow: Iterable[str] | None = None,
+    allow_bf16_true: bool = False,
+    optimizers_available: Iterable[str] | None = None,
+) -> Decision:
+    """Estimate ``config``; if it does not fit, search for the cheapest plan that does (all policies plan,
+    so abort and warn can say what would have fit)."""
+    check_policy(policy)
+    base = evaluate(config)
+    fits = required_bytes(base, margin) <= capacity.bytes
+    chosen_plan = None
+    if not fits:
+        kwargs: dict[str, Any] = {}
+        if optimizers_available is not None:
+            kwargs["optimizers_available"] = tuple(optimizers_available)
+        chosen_plan = plan(config, evaluate, capacity.bytes, allow=allow, bf16_supported=capacity.bf16,
+                           allow_bf16_true=allow_bf16_true, margin=margin, base_estimate=base, **kwargs)
+    return Decision(fits, base, capacity.bytes, config, chosen_plan, policy, margin, capacity.source)
+
+
+def explain(decision: Decision) -> str:
+    """The one-paragraph summary used in errors and warnings; the full report is ``str(decision)``."""
+    from memguard.report import format_bytes
+
+    need = format_bytes(decision.required_bytes)
+    cap = format_bytes(decision.capacity_bytes)
+    head = (f"memguard: predicted {need} needed (peak {format_bytes(decision.estimate.peak_bytes)} allocated, "
+            f"{format_bytes(decision.estimate.device_bytes)} on the device, margin {decision.margin:.0%}) "
+            f"against {cap} available ({decision.capacity_source}).")
+    if decision.fits:
+        return head + " It fits."
+    if decision.plan is not None and decision.plan.fits:
+        changes = "; ".join(str(c) for c in decision.plan.changes)
+        return head + f" It does not fit as configured. This plan fits ({format_bytes(decision.plan.required_bytes)}): {changes}."
+    if decision.plan is not None:
+        return head + (f" Nothing allowed fits; the closest ({format_bytes(decision.plan.required_bytes)}) is: "
+                       + ("; ".join(str(c) for c in decision.plan.changes) or "as configured") + ".")
+    return head + " It does not fit."

@@ -1,0 +1,177 @@
+"""MemGuard in real Lightning fits on the CPU: it decides before the first step and its plan takes effect."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from memguard import MemguardError
+from memguard.callback import MemGuard, precision_plugin
+from memguard.guard import OutOfMemoryPredicted
+from lit_models import LitDecoder, pl
+
+
+def _trainer(callback: MemGuard, **kwargs) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=[callback], **defaults)
+
+
+def _requirements(allow) -> list[tuple]:
+    """Every configuration the planner would try, cheapest first, with what each needs (budget 1 byte)."""
+    probe = MemGuard(policy="warn", budget=1, allow=allow)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(probe, max_steps=1).fit(LitDecoder())
+    return probe.decision.plan.tried
+
+
+def _fit(allow, budget, policy="auto", **kwargs):
+    model = LitDecoder()
+    callback = MemGuard(policy=policy, budget=budget, allow=allow, **kwargs)
+    trainer = _trainer(callback)
+    trainer.fit(model)
+    return model, callback, trainer
+
+
+def test_fits_as_configured_changes_nothing() -> None:
+    model, callback, trainer = _fit(None, "4GiB")
+    assert callback.decision.fits and callback.changes == []
+    assert set(model.seen["dtype"]) == {torch.float32} and set(model.seen["batch"]) == {8}
+    assert trainer.global_step == 3
+
+
+def test_auto_switches_to_bf16_mixed_when_that_is_the_cheapest_fit() -> None:
+    tried = _requirements(["precision"])
+    base, bf16 = tried[0][1], tried[1][1]
+    assert tried[1][0].precision == "bf16-mixed" and bf16 < base
+    model, callback, trainer = _fit(["precision"], bf16)
+    assert callback.applied.precision == "bf16-mixed"
+    assert set(model.seen["dtype"]) == {torch.bfloat16}  # autocast really active in training_step
+    assert trainer.precision == "bf16-mixed"
+    assert trainer.global_step == 3
+
+
+def test_auto_lowers_micro_batch_and_keeps_the_effective_batch() -> None:
+    tried = _requirements(["micro_batch"])
+    config, need = tried[1]
+    model, callback, trainer = _fit(["micro_batch"], need)
+    assert callback.applied == config and config.micro_batch_size < 8
+    assert set(model.seen["batch"]) == {config.micro_batch_size}
+    assert trainer.accumulate_grad_batches == config.accumulate_grad_batches
+    assert config.micro_batch_size * config.accumulate_grad_batches == 8
+    assert model.batch_size == config.micro_batch_size
+
+
+def test_auto_turns_on_checkpointing() -> None:
+    tried = _requirements(["checkpointing"])
+    config, need = tried[1]
+    assert config.gradient_checkpointing
+    model, callback, trainer = _fit(["checkpointing"], need)
+    assert callback.applied.gradient_checkpointing
+    assert all(getattr(b, "_memguard_checkpointed", False) for b in model.net.blocks)
+
+
+def test_auto_swaps_the_optimizer_and_the_scheduler_follows() -> None:
+    pytest.importorskip("bitsandbytes")
+    tried = _requirements(["optimizer"])
+    config, need = next((c, n) for c, n in tried[1:] if c.optimizer in ("adamw8bit", "ao_adamw8bit"))
+    model, callback, trainer = _fit(["optimizer"], need)
+    assert callback.applied.optimizer == config.optimizer
+    assert "8bit" in model.seen["optimizer"][0]
+    # StepLR halves the learning rate every step on the new optimizer: the scheduler still drives it
+    assert model.seen["lr"] == pytest.approx([1e-3, 5e-4, 2.5e-4])
+    assert trainer.optimizers[0].param_groups[0]["weight_decay"] == 0.05
+
+
+def test_abort_raises_before_the_first_step() -> None:
+    tried = _requirements(None)
+    model = LitDecoder()
+    trainer = _trainer(MemGuard(policy="abort", budget=tried[0][1] - 1))
+    with pytest.raises(OutOfMemoryPredicted, match=r"(?s)does not fit as configured.*plan fits.*parameters"):
+        trainer.fit(model)
+    assert trainer.global_step == 0 and model.seen["batch"] == []
+
+
+def test_nothing_fits_aborts_under_auto_too() -> None:
+    trainer = _trainer(MemGuard(policy="auto", budget=1024))
+    with pytest.raises(OutOfMemoryPredicted, match="Nothing allowed fits"):
+        trainer.fit(LitDecoder())
+    assert trainer.global_step == 0
+
+
+def test_warn_trains_unchanged() -> None:
+    with pytest.warns(UserWarning, match="does not fit as configured"):
+        model, callback, trainer = _fit(None, 1024 * 1024, policy="warn")
+    assert callback.applied is None and trainer.global_step == 3
+    assert set(model.seen["dtype"]) == {torch.float32} and set(model.seen["batch"]) == {8}
+
+
+class Untraceable(LitDecoder):
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if batch.float().mean().item() > 1e9:  # a value-dependent branch
+            return self.net(batch) * 2
+        return super().training_step(batch, batch_idx)
+
+
+def test_untraceable_model_trains_under_warn_and_fails_clearly_under_abort() -> None:
+    model = Untraceable()
+    with pytest.warns(UserWarning, match=r"could not predict.*_local_scalar_dense"):
+        trainer = _trainer(MemGuard(policy="warn", budget="1GiB"))
+        trainer.fit(model)
+    assert trainer.global_step == 3
+    with pytest.raises(MemguardError, match="could not predict"):
+        _trainer(MemGuard(policy="abort", budget="1GiB")).fit(Untraceable())
+
+
+def test_resume_reapplies_the_saved_plan(tmp_path) -> None:
+    tried = _requirements(["precision"])
+    budget = tried[1][1]
+    model = LitDecoder()
+    callback = MemGuard(budget=budget, allow=["precision"])
+    trainer = _trainer(callback, enable_checkpointing=True, default_root_dir=tmp_path, max_steps=2)
+    trainer.fit(model)
+    ckpt = trainer.checkpoint_callback.best_model_path or str(next(tmp_path.rglob("*.ckpt")))
+    # a resumed run with plenty of memory keeps the saved plan instead of deciding anew
+    resumed_cb = MemGuard(budget="64GiB", allow=["precision"])
+    resumed_model = LitDecoder()
+    trainer2 = _trainer(resumed_cb, max_steps=4)
+    trainer2.fit(resumed_model, ckpt_path=ckpt)
+    assert resumed_cb.decision is None and resumed_cb.applied.precision == "bf16-mixed"
+    assert set(resumed_model.seen["dtype"]) == {torch.bfloat16}
+
+
+def test_precision_plugin_class_per_strategy() -> None:
+    from pytorch_lightning.plugins.precision import (
+        DeepSpeedPrecision, FSDPPrecision, HalfPrecision, MixedPrecision,
+    )
+
+    class FakeStrategy:
+        root_device = torch.device("cpu")
+
+    def trainer_with(name: str):
+        strategy = type(name, (FakeStrategy,), {})()
+        return type("T", (pl.Trainer,), {})  .__new__(type("T", (pl.Trainer,), {})), strategy
+
+    for name, cls in [("SingleDeviceStrategy", MixedPrecision), ("DDPStrategy", MixedPrecision),
+                      ("FSDPStrategy", FSDPPrecision), ("DeepSpeedStrategy", DeepSpeedPrecision)]:
+        trainer, strategy = trainer_with(name)
+        trainer.__dict__["_memguard_strategy"] = strategy
+        type(trainer).strategy = property(lambda self: self.__dict__["_memguard_strategy"])
+        assert type(precision_plugin(trainer, "bf16-mixed")) is cls
+    assert type(precision_plugin(trainer_with("DDPStrategy")[0] if False else trainer, "bf16-true")) in (
+        HalfPrecision, DeepSpeedPrecision)
+
+
+def test_bad_arguments_are_rejected_up_front() -> None:
+    from memguard import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="unknown policy 'panic'"):
+        MemGuard(policy="panic")
+    with pytest.raises(InvalidArgumentError, match="unknown knob 'precisoin'"):
+        MemGuard(allow=["precisoin"])
+    with pytest.raises(InvalidArgumentError, match="budget '12 parsecs'"):
+        MemGuard(budget="12 parsecs")
