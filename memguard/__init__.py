@@ -1,19 +1,58 @@
-"""memguard: predict the peak GPU memory of a training run before it starts, and act on it."""
+"""memguard: predict the peak GPU memory of a training run before it starts, and act on it.
 
-from memguard.categories import Category
-from memguard.errors import InvalidArgumentError, MemguardError, TraceError
-from memguard.estimate import Estimate, TimelinePoint, estimate
-from memguard.precision import Precision
+The public names are imported on first use, so ``memguard gpus`` and ``memguard check`` start without
+loading torch or Lightning before they need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Category",
-    "Estimate",
-    "InvalidArgumentError",
-    "MemguardError",
-    "Precision",
-    "TimelinePoint",
-    "TraceError",
-    "estimate",
-]
+_EXPORTS = {
+    "estimate": "memguard.estimate",
+    "Estimate": "memguard.estimate",
+    "TimelinePoint": "memguard.estimate",
+    "preflight": "memguard.preflight",
+    "Decision": "memguard.guard",
+    "OutOfMemoryPredicted": "memguard.guard",
+    "MemGuard": "memguard.callback",
+    "Category": "memguard.categories",
+    "Precision": "memguard.precision",
+    "MemguardError": "memguard.errors",
+    "InvalidArgumentError": "memguard.errors",
+    "TraceError": "memguard.errors",
+    "TrainingConfig": "memguard.plan",
+    "Plan": "memguard.plan",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'memguard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule memguard.estimate must not hide the function memguard.estimate."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "estimate" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -16,12 +16,9 @@ memguard's own failures never stop training under "warn" or "auto"; under "abort
 from __future__ import annotations
 
 import copy
-import inspect
 import warnings
 from collections.abc import Iterable, Mapping
-from functools import wraps
 from typing import Any
-from weakref import ref
 
 import torch
 from torch import nn
@@ -31,14 +28,17 @@ from memguard import _lightning, checkpointing
 from memguard.errors import MemguardError
 from memguard.estimate import Estimate, estimate
 from memguard.guard import (
-    Capacity,
     Decision,
     OutOfMemoryPredicted,
     check_policy,
     decide,
     detect_capacity,
     explain,
+    optimizer_factory,
+    optimizers_available,
     parse_bytes,
+    rebuild_optimizer,
+    repoint_scheduler,
 )
 from memguard.optimizers import CATALOG
 from memguard.plan import DEFAULT_MARGIN, KNOBS, TrainingConfig, batch_size_of, slice_batch
@@ -207,7 +207,8 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
 
         allow = self._allowed_knobs(trainer, pl_module, device, optimizer_name)
         return decide(config, evaluate, capacity, policy=self.policy, margin=self.margin, allow=allow,
-                      allow_bf16_true=self.allow_bf16_true, optimizers_available=_optimizers_available())
+                      allow_bf16_true=self.allow_bf16_true, optimizers_available=optimizers_available(),
+                      device_type=device.type)
 
     def _current_config(self, trainer: Any, pl_module: Any, batch: Any) -> TrainingConfig:
         precision = str(Precision.parse(trainer.precision))
@@ -257,33 +258,10 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         return first, step_loss
 
     def _optimizers(self, pl_module: Any, device: torch.device) -> tuple[Any, str]:
-        """A factory rebuilding the module's optimizer over memguard's parameter copies, and its catalog name."""
-        configured = pl_module.configure_optimizers()
-        optimizer = _first_optimizer(configured)
+        optimizer = _first_optimizer(pl_module.configure_optimizers())
         if optimizer is None:
             return None, "none"
-        trainable = [p for p in pl_module.parameters() if p.requires_grad]
-        index = {id(p): i for i, p in enumerate(trainable)}
-        groups = []
-        for group in optimizer.param_groups:
-            hyper = {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
-            groups.append((hyper, [index[id(p)] for p in group["params"] if id(p) in index]))
-        cls = type(optimizer)
-        impl = "foreach" if device.type == "cuda" else "for-loop"
-
-        def factory(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-            built = []
-            for hyper, idxs in groups:
-                hyper = dict(hyper)
-                if "foreach" in hyper and hyper["foreach"] is None and not hyper.get("fused"):
-                    hyper["foreach"] = impl == "foreach"
-                built.append({**hyper, "params": [params[i] for i in idxs]})
-            return cls(built)
-
-        name = _catalog_name(cls, optimizer)
-        if name is not None and cls.__module__.split(".")[0] in ("bitsandbytes", "torchao"):
-            return name, name  # cannot run on shape-only tensors: the catalog's stand-in is used
-        return factory, name or cls.__name__
+        return optimizer_factory(optimizer, pl_module, device.type)
 
     def _allowed_knobs(self, trainer: Any, pl_module: Any, device: torch.device, optimizer: str) -> tuple[str, ...]:
         knobs = list(self.allow if self.allow is not None else KNOBS)
@@ -372,10 +350,10 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         strategy = trainer.strategy
         new_list = []
         for old in strategy.optimizers:
-            new = _rebuild(old, cls)
+            new = rebuild_optimizer(old, cls)
             for config in strategy.lr_scheduler_configs:
                 if config.scheduler.optimizer is old:
-                    _repoint_scheduler(config.scheduler, new)
+                    repoint_scheduler(config.scheduler, new)
             new_list.append(new)
         strategy.optimizers = new_list
         self._log(trainer, f"memguard: optimizer swapped to {cls.__module__}.{cls.__name__}")
@@ -467,62 +445,6 @@ def _first_optimizer(configured: Any) -> torch.optim.Optimizer | None:
             if found is not None:
                 return found
     return None
-
-
-def _catalog_name(cls: type, optimizer: torch.optim.Optimizer) -> str | None:
-    """The catalog name of a real optimizer instance, when memguard knows its class."""
-    defaults = optimizer.defaults
-    for name, row in CATALOG.items():
-        if row.cls_path.rsplit(".", 1)[-1] != cls.__name__ or not cls.__module__.startswith(row.library):
-            continue
-        if name == "sgd_momentum" and not defaults.get("momentum"):
-            continue
-        if name == "sgd" and defaults.get("momentum"):
-            continue
-        return name
-    return None
-
-
-def _optimizers_available() -> tuple[str, ...]:
-    found = []
-    for name in ("adamw8bit", "ao_adamw8bit", "ao_adamw4bit", "adafactor"):
-        row = CATALOG.get(name)
-        if row is None:
-            continue
-        try:
-            row.load_class()
-        except Exception:  # noqa: BLE001 - library missing: the knob skips that optimizer
-            continue
-        found.append(name)
-    return tuple(found)
-
-
-def _rebuild(old: torch.optim.Optimizer, cls: type) -> torch.optim.Optimizer:
-    """The same parameter groups and shared hyperparameters under another optimizer class."""
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    groups = []
-    for group in old.param_groups:
-        kept = {k: v for k, v in group.items() if k == "params" or k == "initial_lr" or k in accepted}
-        groups.append(kept)
-    return cls(groups)
-
-
-def _repoint_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
-    """Point an LR scheduler at a new optimizer and re-install its step-counting wrapper."""
-    scheduler.optimizer = optimizer
-    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
-        return
-    opt_ref = ref(optimizer)
-    func = optimizer.step.__func__
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        opt = opt_ref()
-        opt._opt_called = True  # type: ignore[union-attr]
-        return func.__get__(opt, opt.__class__)(*args, **kwargs)
-
-    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-    optimizer.step = wrapper  # type: ignore[method-assign]
 
 
 def _all_gather(obj: dict[str, Any], world_size: int) -> list[dict[str, Any]]:

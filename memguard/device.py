@@ -55,6 +55,9 @@ class DeviceModel:
 
     name = "generic"
     optimizer_impl = "foreach"
+    host_is_device = True
+    """Whether host (CPU) tensors are the target device's memory: True for the CPU target; on a GPU they
+    are host memory (torch's optimizer step counters, the CPU generator state kept by checkpointing)."""
 
     def round_up(self, nbytes: int) -> int:
         return nbytes
@@ -328,6 +331,7 @@ class CUDADevice(DeviceModel):
         os.environ.get("PYTORCH_CUDA_ALLOC_CONF")))
     name: str = "cuda"
     optimizer_impl: str = "foreach"
+    host_is_device: bool = False
     _workspaces: set = field(default_factory=set)
 
     @classmethod

@@ -58,6 +58,9 @@ class Estimate:
     precision: str
     optimizer: str
     per_rank: list[int] = field(default_factory=list)
+    unified_bytes: int = 0
+    """Optimizer state in CUDA unified memory (bitsandbytes' paged optimizers): outside torch's allocator
+    counters, so not in ``peak_bytes`` / ``reserved_bytes``; counted in ``device_bytes`` as resident."""
     approximate: bool = False
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -74,6 +77,7 @@ class Estimate:
             "precision": self.precision,
             "optimizer": self.optimizer,
             "per_rank": list(self.per_rank),
+            "unified_bytes": self.unified_bytes,
             "approximate": self.approximate,
             "notes": list(self.notes),
         }
@@ -137,7 +141,8 @@ def estimate(
     prec = Precision.parse(precision)
     dev = device_model(device, gpu).fresh()
     impl = optimizer_impl or dev.optimizer_impl
-    factory, opt_label = make_factory(optimizer, impl, optimizer_kwargs)
+    target = "cpu" if dev.name == "cpu" else "cuda"
+    factory, opt_label = make_factory(optimizer, impl, optimizer_kwargs, device=target)
     if optimizer_offload and factory is not None:
         factory, opt_label = host_offloaded, f"{opt_label}, offloaded to host"
     program = StepProgram(
@@ -184,6 +189,11 @@ def estimate(
                                prepare=prepare, device=dev, shared=shared)
     result = summarize(trace, dev)
     result.approximate = approximate
+    if trace.unified_bytes:
+        result.unified_bytes = trace.unified_bytes
+        result.device_bytes += trace.unified_bytes
+        notes.append("paged optimizer state lives in CUDA unified memory: counted in device_bytes, not in the "
+                     "allocator's peak")
     result.precision = str(prec)
     result.optimizer = (opt_label if optimizer_offload else f"{opt_label} ({impl})") if factory is not None else "none"
     result.notes = notes + trace.notes + dev.notes()

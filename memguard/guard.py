@@ -6,10 +6,13 @@ This is an edge module (it reads NVML and host memory); the estimate and the pla
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import wraps
 from typing import Any
+from weakref import ref
 
 import torch
 
@@ -113,6 +116,7 @@ class Decision:
     margin: float
     capacity_source: str = ""
     notes: list[str] = field(default_factory=list)
+    device_type: str = "cuda"
 
     @property
     def required_bytes(self) -> int:
@@ -129,6 +133,46 @@ class Decision:
         if self.policy == "auto" and not self.fits and self.plan is not None and self.plan.fits:
             return self.plan.config
         return self.config
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.chosen.micro_batch_size
+
+    @property
+    def accumulate_grad_batches(self) -> int:
+        return self.chosen.accumulate_grad_batches
+
+    def autocast(self) -> Any:
+        """The autocast context for the chosen precision (a no-op context for full or "true" precision)."""
+        import contextlib
+
+        from memguard.precision import Precision
+
+        dtype = Precision.parse(self.chosen.precision).autocast_dtype
+        return torch.autocast(self.device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def fabric_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``lightning.fabric.Fabric(...)`` that apply the chosen precision."""
+        return {"precision": self.chosen.precision}
+
+    def apply(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[Any, Any]:
+        """Apply the chosen plan to a hand-written loop: checkpointing on the model, weights in half precision
+        for a "true" half precision, the optimizer rebuilt as the new class over the same parameter groups.
+        Mixed precision is applied by running the forward under :meth:`autocast`; the micro-batch size and
+        accumulation steps are :attr:`micro_batch_size` and :attr:`accumulate_grad_batches`."""
+        from memguard import checkpointing
+        from memguard.optimizers import real_class
+        from memguard.precision import Precision
+
+        chosen = self.chosen
+        if chosen.gradient_checkpointing and not self.config.gradient_checkpointing:
+            checkpointing.enable(model)
+        dtype = Precision.parse(chosen.precision).param_dtype
+        if dtype is not None and chosen.precision != self.config.precision:
+            model = model.to(dtype)
+        if optimizer is not None and chosen.optimizer != self.config.optimizer:
+            optimizer = rebuild_optimizer(optimizer, real_class(chosen.optimizer))
+        return model, optimizer
 
     def __str__(self) -> str:
         from memguard.report import render_report
@@ -164,6 +208,7 @@ def decide(
     allow: Iterable[str] | None = None,
     allow_bf16_true: bool = False,
     optimizers_available: Iterable[str] | None = None,
+    device_type: str = "cuda",
 ) -> Decision:
     """Estimate ``config``; if it does not fit, search for the cheapest plan that does (all policies plan,
     so abort and warn can say what would have fit)."""
@@ -177,7 +222,8 @@ def decide(
             kwargs["optimizers_available"] = tuple(optimizers_available)
         chosen_plan = plan(config, evaluate, capacity.bytes, allow=allow, bf16_supported=capacity.bf16,
                            allow_bf16_true=allow_bf16_true, margin=margin, base_estimate=base, **kwargs)
-    return Decision(fits, base, capacity.bytes, config, chosen_plan, policy, margin, capacity.source)
+    return Decision(fits, base, capacity.bytes, config, chosen_plan, policy, margin, capacity.source,
+                    device_type=device_type)
 
 
 def explain(decision: Decision) -> str:
@@ -198,3 +244,97 @@ def explain(decision: Decision) -> str:
         return head + (f" Nothing allowed fits; the closest ({format_bytes(decision.plan.required_bytes)}) is: "
                        + ("; ".join(str(c) for c in decision.plan.changes) or "as configured") + ".")
     return head + " It does not fit."
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizers of a live run: read them for the estimate, rebuild them for a plan
+
+
+def optimizer_factory(optimizer: torch.optim.Optimizer, model: torch.nn.Module, device_type: str) -> tuple[Any, str]:
+    """A factory that rebuilds ``optimizer`` (class, hyperparameters, parameter groups) over memguard's copies
+    of ``model``'s trainable parameters, and the optimizer's catalog name. Its state is never read.
+
+    Torch optimizers get the implementation the target device defaults to; bitsandbytes and torchao ones
+    cannot run on shape-only tensors, so their catalog stand-in is used."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    index = {id(p): i for i, p in enumerate(trainable)}
+    groups = []
+    for group in optimizer.param_groups:
+        hyper = {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
+        groups.append((hyper, [index[id(p)] for p in group["params"] if id(p) in index]))
+    cls = type(optimizer)
+    foreach = device_type == "cuda"
+
+    def factory(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        built = []
+        for hyper, idxs in groups:
+            hyper = dict(hyper)
+            if "foreach" in hyper and hyper["foreach"] is None and not hyper.get("fused"):
+                hyper["foreach"] = foreach
+            built.append({**hyper, "params": [params[i] for i in idxs]})
+        return cls(built)
+
+    name = catalog_name(optimizer)
+    if name is not None and cls.__module__.split(".")[0] in ("bitsandbytes", "torchao"):
+        return name, name
+    return factory, name or cls.__name__
+
+
+def catalog_name(optimizer: torch.optim.Optimizer) -> str | None:
+    """The catalog name of a live optimizer, when memguard knows its class."""
+    from memguard.optimizers import CATALOG
+
+    cls, defaults = type(optimizer), optimizer.defaults
+    for name, row in CATALOG.items():
+        if row.cls_path.rsplit(".", 1)[-1] != cls.__name__ or not cls.__module__.startswith(row.library):
+            continue
+        if name == "sgd_momentum" and not defaults.get("momentum"):
+            continue
+        if name == "sgd" and defaults.get("momentum"):
+            continue
+        return name
+    return None
+
+
+def optimizers_available() -> tuple[str, ...]:
+    """The memory-saving optimizers the planner may switch to here (their library imports)."""
+    from memguard.optimizers import CATALOG
+
+    found = []
+    for name in ("adamw8bit", "ao_adamw8bit", "ao_adamw4bit", "adafactor"):
+        row = CATALOG.get(name)
+        if row is None:
+            continue
+        try:
+            row.load_class()
+        except Exception:  # noqa: BLE001 - library missing: the knob skips that optimizer
+            continue
+        found.append(name)
+    return tuple(found)
+
+
+def rebuild_optimizer(old: torch.optim.Optimizer, cls: type) -> torch.optim.Optimizer:
+    """The same parameter groups and shared hyperparameters (lr, betas, weight decay, scheduler keys)
+    under another optimizer class; keys the new class does not take are dropped."""
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    groups = [{k: v for k, v in g.items() if k in ("params", "initial_lr") or k in accepted} for g in old.param_groups]
+    return cls(groups)
+
+
+def repoint_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Point an LR scheduler at a new optimizer and re-install its step-counting wrapper (the one
+    LRScheduler.__init__ puts on ``optimizer.step`` to detect calls in the wrong order)."""
+    scheduler.optimizer = optimizer
+    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        return
+    opt_ref = ref(optimizer)
+    func = optimizer.step.__func__
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opt = opt_ref()
+        opt._opt_called = True  # type: ignore[union-attr]
+        return func.__get__(opt, opt.__class__)(*args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = wrapper  # type: ignore[method-assign]

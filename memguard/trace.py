@@ -48,6 +48,8 @@ class Trace:
     events: list[int] = field(default_factory=list)
     phases: list[tuple[int, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unified_bytes: int = 0
+    """Optimizer state a paged optimizer keeps in CUDA unified memory (never in ``events``)."""
 
     def live_at(self, index: int) -> list[int]:
         """The allocation ids alive just after event ``index``."""
@@ -218,14 +220,19 @@ class _RecordingMode(TorchDispatchMode):
         self.device = device
         self.last_op: Any = None
         self.scalar_reads_ok = False
+        self.skip_host_tensors = False
 
     @contextlib.contextmanager
-    def reading_scalars(self) -> Iterator[None]:
+    def optimizer_running(self) -> Iterator[None]:
+        """The optimizer runs on meta stand-ins: reading a step counter is allowed (see below), and on a GPU
+        target any real CPU tensor it makes (torch's step counters) is host memory, not device memory."""
         self.scalar_reads_ok = True
+        self.skip_host_tensors = not self.device.host_is_device
         try:
             yield
         finally:
             self.scalar_reads_ok = False
+            self.skip_host_tensors = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -246,6 +253,8 @@ class _RecordingMode(TorchDispatchMode):
         sizes = extra.output_bytes
         for i, t in enumerate(flat):
             if isinstance(t, torch.Tensor):
+                if self.skip_host_tensors and t.device.type == "cpu":
+                    continue
                 self.recorder.track(t, nbytes=sizes[i] if i < len(sizes) else None)
         if extra.transient:
             self.recorder.transient(extra.transient, Category.WORKSPACE)
@@ -419,9 +428,9 @@ def run_steps(
     shadows = _Shadows(params, recorder) if make_optimizer is not None and params else None
     optimizer = None
     if shadows is not None:
-        with _phase(recorder, mode, "optimizer.init"), unset_fake_temporarily():
+        with _phase(recorder, mode, "optimizer.init"), unset_fake_temporarily(), mode.optimizer_running():
             optimizer = make_optimizer(shadows.params)
-            _tag_optimizer_state(recorder, optimizer)
+            _tag_optimizer_state(recorder, optimizer, mode)
     first: _StepRecord | None = None
     for step in range(1, program.steps + 1):
         for micro in range(program.accumulate):
@@ -435,9 +444,11 @@ def run_steps(
                 first = first or record
         if optimizer is not None:
             shadows.take_grads()
-            with _phase(recorder, mode, f"step{step}.optimizer"), unset_fake_temporarily(), mode.reading_scalars():
+            with _phase(recorder, mode, f"step{step}.optimizer"), unset_fake_temporarily(), mode.optimizer_running():
                 optimizer.step()
-                _tag_optimizer_state(recorder, optimizer)
+                _tag_optimizer_state(recorder, optimizer, mode)
+            recorder.trace.unified_bytes = max(recorder.trace.unified_bytes,
+                                               int(getattr(optimizer, "unified_bytes", 0)))
             if not program.zero_grad_before_backward:
                 with _phase(recorder, mode, f"step{step}.zero_grad"):
                     optimizer.zero_grad(set_to_none=True)
@@ -554,14 +565,14 @@ def _replay_forward_backward(first, label, params, optimizer, zero_first, record
                 p.grad = grad
 
 
-def _tag_optimizer_state(recorder: _Recorder, optimizer: Any) -> None:
+def _tag_optimizer_state(recorder: _Recorder, optimizer: Any, mode: _RecordingMode) -> None:
     state = getattr(optimizer, "state", None)
     if not state:
         return
     for per_param in state.values():
         values = per_param.values() if isinstance(per_param, dict) else [per_param]
         for v in values:
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, torch.Tensor) and not (mode.skip_host_tensors and v.device.type == "cpu"):
                 recorder.tag(v, Category.OPTIMIZER_STATE)
 
 
@@ -623,7 +634,7 @@ def trace_training(
             recorder.track(leaf, Category.INPUTS)
 
     mode = _RecordingMode(recorder, device)
-    rng_states = _counted_rng_states(recorder) if device.name == "cpu" else contextlib.nullcontext()
+    rng_states = _counted_rng_states(recorder) if device.host_is_device else contextlib.nullcontext()
     with fake_mode, mode, device.kernel_mode(), rng_states:
         run_steps(twin, fbatch, make_optimizer, program, recorder, mode)
     trace = recorder.finish()

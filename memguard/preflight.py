@@ -1,0 +1,108 @@
+"""``memguard.preflight``: the same guard as the Lightning callback for any training loop (plain PyTorch,
+Lightning Fabric, the transformers Trainer through memguard.integrations.hf)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from memguard.estimate import Estimate, estimate
+from memguard.guard import (
+    Decision,
+    OutOfMemoryPredicted,
+    check_policy,
+    decide,
+    detect_capacity,
+    explain,
+    optimizer_factory,
+    optimizers_available,
+    parse_bytes,
+)
+from memguard.optimizers import CATALOG
+from memguard.plan import DEFAULT_MARGIN, TrainingConfig, batch_size_of, slice_batch
+from memguard.precision import Precision
+
+
+def preflight(
+    model: nn.Module,
+    batch: Any,
+    *,
+    optimizer: Any,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    precision: str = "32-true",
+    device: str | torch.device | None = None,
+    budget: int | str | None = None,
+    policy: str = "abort",
+    allow: Iterable[str] | None = None,
+    margin: float = DEFAULT_MARGIN,
+    gradient_checkpointing: bool | None = None,
+    accumulate_grad_batches: int = 1,
+    quantization: str | None = None,
+) -> Decision:
+    """Check a run before its first step: predict, compare with the device, then act by ``policy``.
+
+    ``optimizer`` may be a live optimizer (its class, hyperparameters and parameter groups are read, its
+    state never touched), a catalog name, a class or a factory. ``device=None`` means the GPU this process
+    will use if there is one, else the CPU (available host memory). ``budget`` overrides the capacity.
+
+    abort: raises :class:`memguard.OutOfMemoryPredicted` (with the report) unless the run fits as
+    configured. warn: warns and returns. auto: returns a Decision whose plan the caller applies with
+    ``model, optimizer = decision.apply(model, optimizer)``, ``decision.autocast()`` and
+    ``decision.micro_batch_size`` / ``decision.accumulate_grad_batches``; raises if nothing fits.
+    """
+    check_policy(policy)
+    target = _device(device)
+    capacity = detect_capacity(target, parse_bytes(budget))
+    factory, name = _optimizer(optimizer, model, target.type)
+    config = TrainingConfig(precision=str(Precision.parse(precision)), optimizer=name,
+                            micro_batch_size=batch_size_of(batch), accumulate_grad_batches=accumulate_grad_batches,
+                            gradient_checkpointing=bool(gradient_checkpointing))
+    fixed: dict[str, Any] = {"loss_fn": loss_fn, "device": "cuda" if target.type == "cuda" else "cpu",
+                             "quantization": quantization}
+    if target.type == "cuda" and capacity.gpu is not None:
+        fixed["gpu"] = capacity.gpu
+
+    def evaluate(cfg: TrainingConfig) -> Estimate:
+        return estimate(model, slice_batch(batch, cfg.micro_batch_size),
+                        optimizer=factory if cfg.optimizer == name else cfg.optimizer, precision=cfg.precision,
+                        gradient_checkpointing=True if cfg.gradient_checkpointing else gradient_checkpointing,
+                        accumulate_grad_batches=cfg.accumulate_grad_batches,
+                        optimizer_offload=cfg.optimizer_offload, **fixed)
+
+    knobs = tuple(k for k in (allow if allow is not None else ("precision", "optimizer", "micro_batch",
+                                                                 "checkpointing")))
+    decision = decide(config, evaluate, capacity, policy=policy, margin=margin, allow=knobs,
+                      optimizers_available=optimizers_available(), device_type=target.type)
+    if decision.fits:
+        return decision
+    message = explain(decision)
+    if policy == "warn":
+        warnings.warn(message, stacklevel=2)
+        return decision
+    if policy == "abort" or not decision.will_fit:
+        raise OutOfMemoryPredicted(message + "\n\n" + str(decision), decision)
+    return decision
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    from memguard import gpus
+
+    found = gpus.discover()
+    return torch.device("cuda", 0) if found.gpus and found.gpus[0].error is None else torch.device("cpu")
+
+
+def _optimizer(optimizer: Any, model: nn.Module, device_type: str) -> tuple[Any, str]:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer_factory(optimizer, model, device_type)
+    if isinstance(optimizer, str):
+        return optimizer, optimizer.strip().lower().replace("-", "_")
+    if isinstance(optimizer, type):
+        return optimizer, next((n for n, row in CATALOG.items() if row.cls_path.endswith("." + optimizer.__name__)),
+                               optimizer.__name__)
+    return optimizer, getattr(optimizer, "__name__", "factory")
