@@ -255,7 +255,10 @@ def optimizer_factory(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
     of ``model``'s trainable parameters, and the optimizer's catalog name. Its state is never read.
 
     Torch optimizers get the implementation the target device defaults to; bitsandbytes and torchao ones
-    cannot run on shape-only tensors, so their catalog stand-in is used."""
+    cannot run on shape-only tensors, so their catalog stand-in is used. Wrappers (accelerate's
+    AcceleratedOptimizer, Lightning's LightningOptimizer) are looked through."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
     trainable = [p for p in model.parameters() if p.requires_grad]
     index = {id(p): i for i, p in enumerate(trainable)}
     groups = []
@@ -277,6 +280,11 @@ def optimizer_factory(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
     name = catalog_name(optimizer)
     if name is not None and cls.__module__.split(".")[0] in ("bitsandbytes", "torchao"):
         return name, name
+    if name is not None and any(g.get("fused") for g in optimizer.param_groups):
+        from memguard.optimizers import make_factory
+
+        # torch's fused kernels have no shape-only implementation: the catalog's fused stand-in is exact
+        return make_factory(name, "fused", device="cpu" if device_type == "cpu" else "cuda")[0], name
     return factory, name or cls.__name__
 
 

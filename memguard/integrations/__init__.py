@@ -1,0 +1,1 @@
+"""memguard for training loops other than Lightning's Trainer (each integration imports its library lazily)."""
