@@ -270,6 +270,8 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
             knobs.remove("micro_batch")
         if "offload" in knobs:
             knobs.remove("offload")  # needs a host-offloading optimizer wrapper this callback does not install
+        if "checkpointing" in knobs and not checkpointing.available(pl_module):
+            knobs.remove("checkpointing")
         return tuple(knobs)
 
     # Agreeing -------------------------------------------------------------------------------------------

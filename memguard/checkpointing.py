@@ -44,6 +44,11 @@ def _hf(model: nn.Module, new: str, old: str) -> Any:
     return getattr(model, new) if hasattr(model, new) else getattr(model, old)
 
 
+def available(model: nn.Module) -> bool:
+    """Whether :func:`enable` can turn checkpointing on for this model (the planner's knob needs it)."""
+    return any(supports_hf_checkpointing(m) for m in model.modules()) or bool(repeated_blocks(model))
+
+
 def enable(model: nn.Module) -> str:
     """Turn checkpointing on in ``model`` (in place); returns how, for reports. Raises if impossible.
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memguard import checkpointing
 from memguard.estimate import Estimate, estimate
 from memguard.guard import (
     Decision,
@@ -74,7 +75,8 @@ def preflight(
                         optimizer_offload=cfg.optimizer_offload, **fixed)
 
     knobs = tuple(k for k in (allow if allow is not None else ("precision", "optimizer", "micro_batch",
-                                                                 "checkpointing")))
+                                                                 "checkpointing"))
+                  if k != "checkpointing" or checkpointing.available(model))
     decision = decide(config, evaluate, capacity, policy=policy, margin=margin, allow=knobs,
                       optimizers_available=optimizers_available(), device_type=target.type)
     if decision.fits:

@@ -88,7 +88,7 @@ def test_auto_swaps_the_optimizer_and_the_scheduler_follows() -> None:
 
 
 def test_abort_raises_before_the_first_step() -> None:
-    tried = _requirements(None)
+    tried = _requirements(["precision"])
     model = LitDecoder()
     trainer = _trainer(MemGuard(policy="abort", budget=tried[0][1] - 1))
     with pytest.raises(OutOfMemoryPredicted, match=r"(?s)does not fit as configured.*plan fits.*parameters"):
@@ -175,3 +175,61 @@ def test_bad_arguments_are_rejected_up_front() -> None:
         MemGuard(allow=["precisoin"])
     with pytest.raises(InvalidArgumentError, match="budget '12 parsecs'"):
         MemGuard(budget="12 parsecs")
+
+
+def _ddp(tmp_path, budget0: int, budget1: int, policy: str) -> list[dict]:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("ddp_callback_script.py")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(budget0), str(budget1), policy],
+                          capture_output=True, text=True, timeout=300, check=False)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)
+               if (tmp_path / f"rank{r}.json").exists()]
+    assert len(results) == 2, proc.stderr[-3000:]
+    return results
+
+
+@pytest.mark.slow
+def test_ddp_ranks_with_different_budgets_apply_the_same_plan(tmp_path) -> None:
+    tried = _requirements(["precision"])
+    base, bf16 = tried[0][1], tried[1][1]
+    results = _ddp(tmp_path, base + 2**20, bf16, "auto")  # rank 0 fits as configured, rank 1 only with bf16
+    assert [r.get("error") for r in results] == [None, None]
+    assert [r["applied"]["precision"] for r in results] == ["bf16-mixed", "bf16-mixed"]
+    assert all(r["dtypes"] == ["torch.bfloat16"] and r["steps"] == 2 for r in results)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_abort_together(tmp_path) -> None:
+    tried = _requirements(["precision"])
+    results = _ddp(tmp_path, tried[0][1] + 2**20, 2**20, "auto")  # rank 1 cannot fit at all
+    assert [r.get("error") for r in results] == ["OutOfMemoryPredicted", "OutOfMemoryPredicted"]
+
+
+@pytest.mark.slow
+def test_lightningcli_config_with_memguard(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        "trainer:\n  accelerator: cpu\n  devices: 1\n  max_steps: 2\n  logger: false\n"
+        "  enable_checkpointing: false\n  enable_progress_bar: false\n"
+        "  callbacks:\n    - class_path: memguard.MemGuard\n      init_args:\n        policy: abort\n"
+        "        budget: 1MiB\n"
+        "model:\n  batch_size: 8\n"
+    )
+    main = Path(__file__).with_name("lit_cli_main.py")
+    proc = subprocess.run([sys.executable, str(main), "fit", "--config", str(config)], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode != 0
+    assert "OutOfMemoryPredicted" in proc.stderr and "1.00 MiB available (budget)" in proc.stderr
+    config.write_text(config.read_text().replace("budget: 1MiB", "budget: 8GiB"))
+    proc = subprocess.run([sys.executable, str(main), "fit", "--config", str(config)], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "It fits" in proc.stderr + proc.stdout

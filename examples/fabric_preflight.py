@@ -1,0 +1,24 @@
+"""memguard.preflight before ``fabric.setup``: the chosen precision goes through Fabric's own setting.
+
+    python examples/fabric_preflight.py
+"""
+
+import torch
+from lightning_fabric import Fabric
+from torch import nn
+
+import memguard
+
+model = nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024))
+batch = torch.randn(4096, 1024)
+
+decision = memguard.preflight(model, batch, optimizer="adamw", device="cpu", budget="300MiB", policy="auto",
+                              allow=["precision"])
+fabric = Fabric(accelerator="cpu", devices=1, **decision.fabric_kwargs())  # e.g. precision="bf16-mixed"
+model, optimizer = fabric.setup(model, torch.optim.AdamW(model.parameters()))
+for step in range(3):
+    loss = model(batch).float().pow(2).mean()
+    fabric.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+print(f"trained with precision={fabric.strategy.precision.precision}")
