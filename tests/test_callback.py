@@ -233,3 +233,60 @@ def test_lightningcli_config_with_memguard(tmp_path) -> None:
                           text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "It fits" in proc.stderr + proc.stdout
+
+
+class BuiltInConfigureModel(LitDecoder):
+    """Layers created in configure_model (as for sharded initialisation) must be counted too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.net
+        self.net = None
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            from zoo import Decoder
+
+            self.net = Decoder()
+
+
+def test_model_built_in_configure_model_is_estimated_in_full() -> None:
+    full = MemGuard(policy="warn", budget="4GiB")
+    _trainer(full, max_steps=1).fit(LitDecoder())
+    lazy = MemGuard(policy="warn", budget="4GiB")
+    trainer = _trainer(lazy, max_steps=1)
+    trainer.fit(BuiltInConfigureModel())
+    assert lazy.decision.estimate.peak_bytes == full.decision.estimate.peak_bytes
+    assert trainer.global_step == 1
+
+
+class WithExampleInput(LitDecoder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.example_input_array = torch.zeros(8, 64, dtype=torch.long)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.net(ids)
+
+
+def test_example_input_array_and_example_batch_sources() -> None:
+    cb = MemGuard(policy="warn", budget="4GiB")
+    _trainer(cb, max_steps=1).fit(WithExampleInput())
+    assert "example_input_array" in cb.batch_source
+    cb2 = MemGuard(policy="warn", budget="4GiB", example_batch=torch.zeros(8, 64, dtype=torch.long))
+    _trainer(cb2, max_steps=1).fit(LitDecoder())
+    assert "example_batch given" in cb2.batch_source
+    assert cb2.decision.estimate.peak_bytes > 0
+
+
+class VaryingLengths(LitDecoder):
+    def train_dataloader(self):  # noqa: ANN201
+        from torch.utils.data import DataLoader
+
+        data = [torch.randint(0, 512, (n,)) for n in (32, 32, 64, 64)]
+        return DataLoader(data, batch_size=2)
+
+
+def test_warns_when_batches_vary_in_shape() -> None:
+    with pytest.warns(UserWarning, match="batches vary in shape"):
+        _trainer(MemGuard(policy="warn", budget="4GiB"), max_steps=1).fit(VaryingLengths())
