@@ -100,19 +100,13 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         self._pending_checkpointing = False
         self._resumed = False
         self._checked = False
+        self._run: tuple[Any, Any] | None = None
 
     # Lightning hooks ------------------------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        saved = self._saved_state(trainer)
-        if saved is not None:
-            self._resumed = True
-            config = TrainingConfig(**saved["config"])
-            self.changes = list(saved.get("changes", []))
-            self._log(trainer, f"memguard: resuming with the plan saved in the checkpoint: {self._summary()}")
-            self._apply_early(trainer, pl_module, self._current_config(trainer, pl_module, None), config)
-            return
+        self._run = (trainer, pl_module)
         decision, error = self._decide_safely(trainer, pl_module)
         verdict = self._agree(trainer, decision, error)
         self._act(trainer, pl_module, verdict)
@@ -165,10 +159,16 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         return {"version": STATE_VERSION, "config": dict(vars(self.applied)), "changes": list(self.changes)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # The plan is re-applied from the checkpoint in setup (state is restored only after setup).
-        if state_dict.get("config"):
-            self.applied = TrainingConfig(**state_dict["config"])
-            self.changes = list(state_dict.get("changes", []))
+        """A resumed run trains with the plan it started with. Lightning restores callback state after
+        ``setup`` but before the strategy builds the model and optimizers, so the saved plan replaces
+        whatever ``setup`` decided for this run."""
+        if not state_dict.get("config") or self._run is None:
+            return
+        trainer, pl_module = self._run
+        self._resumed = True
+        self.changes = list(state_dict.get("changes", []))
+        self._apply_early(trainer, pl_module, TrainingConfig(**state_dict["config"]))
+        self._log(trainer, f"memguard: resuming with the plan saved in the checkpoint: {self._summary()}")
 
     # Deciding -------------------------------------------------------------------------------------------
     def _decide_safely(self, trainer: Any, pl_module: Any) -> tuple[Decision | None, str | None]:
@@ -326,21 +326,22 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
             return
         target = TrainingConfig(**detail["config"])
         self.changes = detail["changes"]
-        self._apply_early(trainer, pl_module, self._current_config(trainer, pl_module, None), target)
+        self._apply_early(trainer, pl_module, target)
         self._log(trainer, f"memguard: applying plan: {self._summary()}")
 
     # Applying -------------------------------------------------------------------------------------------
-    def _apply_early(self, trainer: Any, pl_module: Any, current: TrainingConfig, target: TrainingConfig) -> None:
-        if target.precision != current.precision:
+    def _apply_early(self, trainer: Any, pl_module: Any, target: TrainingConfig) -> None:
+        """Set what must change before the strategy sets up: compared with the run's live settings, so
+        applying a saved plan after a fresh decision lands on the saved plan exactly."""
+        if target.precision != str(Precision.parse(trainer.precision)):
             trainer.strategy.precision_plugin = precision_plugin(trainer, target.precision)
-        if target.micro_batch_size != current.micro_batch_size or (
-            target.accumulate_grad_batches != current.accumulate_grad_batches
+        parsing = _lightning.package_of(trainer).utilities.parsing
+        if parsing.lightning_hasattr(pl_module, self.batch_arg_name) and (
+            parsing.lightning_getattr(pl_module, self.batch_arg_name) != target.micro_batch_size
         ):
-            pkg = _lightning.package_of(trainer)
-            if target.micro_batch_size != current.micro_batch_size or self._resumed:
-                pkg.utilities.parsing.lightning_setattr(pl_module, self.batch_arg_name, target.micro_batch_size)
-            trainer.accumulate_grad_batches = target.accumulate_grad_batches
-        self._pending_checkpointing = target.gradient_checkpointing and not current.gradient_checkpointing
+            parsing.lightning_setattr(pl_module, self.batch_arg_name, target.micro_batch_size)
+        trainer.accumulate_grad_batches = target.accumulate_grad_batches
+        self._pending_checkpointing = target.gradient_checkpointing and not checkpointing.is_enabled(pl_module)
         self._pending_optimizer = target.optimizer if target.optimizer in CATALOG and any(
             c.get("knob") == "optimizer" for c in self.changes) else None
         self.applied = target
@@ -374,17 +375,6 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
     def _log(trainer: Any, message: str) -> None:
         if trainer.is_global_zero:
             _lightning.package_of(trainer).utilities.rank_zero_info(message)
-
-    def _saved_state(self, trainer: Any) -> dict[str, Any] | None:
-        path = getattr(trainer, "ckpt_path", None)
-        if not path:
-            return None
-        try:
-            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        except Exception:  # noqa: BLE001 - a checkpoint memguard cannot read: decide anew
-            return None
-        state = ckpt.get("callbacks", {}).get(self.state_key)
-        return state if state and state.get("config") else None
 
 
 # ---------------------------------------------------------------------------------------------------------
