@@ -41,7 +41,7 @@ from memguard.guard import (
     repoint_scheduler,
 )
 from memguard.optimizers import CATALOG
-from memguard.plan import DEFAULT_MARGIN, KNOBS, TrainingConfig, batch_size_of, slice_batch
+from memguard.plan import DEFAULT_MARGIN, KNOBS, TrainingConfig, batch_size_of, optimizer_what_if, slice_batch
 from memguard.precision import Precision
 
 STATE_VERSION = 1
@@ -205,6 +205,7 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
                             accumulate_grad_batches=cfg.accumulate_grad_batches,
                             optimizer_offload=cfg.optimizer_offload, **fixed)
 
+        evaluate.quick = optimizer_what_if(model, "cuda" if device.type == "cuda" else "cpu")  # type: ignore[attr-defined]
         allow = self._allowed_knobs(trainer, pl_module, device, optimizer_name)
         return decide(config, evaluate, capacity, policy=self.policy, margin=self.margin, allow=allow,
                       allow_bf16_true=self.allow_bf16_true, optimizers_available=optimizers_available(),

@@ -110,6 +110,10 @@ class Plan:
 
 Evaluate = Callable[[TrainingConfig], Estimate]
 
+QUICK_SLACK = 0.10
+"""How far over capacity a what-if estimate (see :func:`optimizer_what_if`) must land before its candidate is
+skipped untraced; what-ifs are only used to skip, never to accept."""
+
 
 def required_bytes(est: Estimate, margin: float) -> int:
     """What a run needs on the device, margin included: NVML-level usage for CUDA, live bytes for the CPU."""
@@ -150,9 +154,23 @@ def plan(
             cache[config] = evaluate(config)
         return cache[config]
 
+    quick = getattr(evaluate, "quick", None)
     best_miss: tuple[int, TrainingConfig, list[Change]] | None = None
+    best_guess: tuple[int, TrainingConfig, list[Change]] | None = None
     candidates = _candidates(base, knobs, bf16_supported, allow_bf16_true, set(optimizers_available))
-    for config, changes in candidates[:max_evaluations]:
+    evaluations = 0
+    for config, changes in candidates:
+        if evaluations >= max_evaluations:
+            break
+        if quick is not None and config not in cache:
+            guess = quick(config, cache)
+            # a what-if that misses by more than its own slack is skipped without tracing; a candidate that
+            # may fit is always traced in full before the plan says "fits"
+            if guess is not None and int(guess * (1.0 + margin)) > capacity_bytes * (1.0 + QUICK_SLACK):
+                if best_guess is None or guess < best_guess[0]:
+                    best_guess = (guess, config, changes)
+                continue
+        evaluations += 1
         est = estimate_of(config)
         need = required_bytes(est, margin)
         tried.append((config, need))
@@ -161,6 +179,13 @@ def plan(
         if best_miss is None or need < best_miss[0]:
             best_miss = (need, config, changes)
     assert best_miss is not None  # the base configuration is always the first candidate
+    if best_guess is not None and int(best_guess[0] * (1.0 + margin)) < best_miss[0]:
+        # the closest miss is reported from its own full estimate, not from a what-if
+        _, config, changes = best_guess
+        need = required_bytes(estimate_of(config), margin)
+        tried.append((config, need))
+        if need < best_miss[0]:
+            best_miss = (need, config, changes)
     need, config, changes = best_miss
     return Plan(False, config, changes, cache[config], capacity_bytes, margin, need, tried)
 
@@ -293,4 +318,47 @@ def estimator(model: torch.nn.Module, batch: Any, **fixed: Any) -> Evaluate:
             **fixed,
         )
 
+    evaluate.quick = optimizer_what_if(model, str(fixed.get("device", "cuda")))  # type: ignore[attr-defined]
     return evaluate
+
+
+def optimizer_what_if(model: torch.nn.Module, device: str) -> Callable[[TrainingConfig, dict], int | None]:
+    """A quick estimate for a configuration that differs from an already traced one only in its optimizer:
+    each phase's peak with the old optimizer's state and step scratch swapped for the new one's (from the
+    optimizer catalog). Lets the planner skip optimizer candidates that cannot fit without tracing them."""
+    from memguard.categories import Category
+    from memguard.device import CUDA_BLOCK
+    from memguard.optimizers import CATALOG, state_bytes, step_transient_bytes
+    from memguard.precision import Precision
+
+    target = "cpu" if device == "cpu" else "cuda"
+    impl = "for-loop" if target == "cpu" else "foreach"
+    rnd = None if target == "cpu" else (lambda n: -(-n // CUDA_BLOCK) * CUDA_BLOCK if n else 0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def specs(precision: str) -> list:
+        dtype = Precision.parse(precision).param_dtype
+        return [(tuple(p.shape), dtype if dtype is not None and p.is_floating_point() else p.dtype) for p in trainable]
+
+    def quick(config: TrainingConfig, known: dict) -> int | None:
+        for other, est in known.items():
+            if replace(other, optimizer=config.optimizer) != config or other.optimizer not in CATALOG:
+                continue
+            if config.optimizer not in CATALOG or config.optimizer_offload:
+                return None
+            shapes = specs(config.precision)
+            old_state = state_bytes(other.optimizer, shapes, impl, device=target, round_up=rnd)
+            new_state = state_bytes(config.optimizer, shapes, impl, device=target, round_up=rnd)
+            old_step = step_transient_bytes(other.optimizer, shapes, impl, device=target, round_up=rnd)
+            new_step = step_transient_bytes(config.optimizer, shapes, impl, device=target, round_up=rnd)
+            peak = 0
+            for phase, total in est.phase_peaks.items():
+                has_state = est.phase_breakdowns[phase].get(Category.OPTIMIZER_STATE, 0) > 0
+                value = total - (old_state - new_state if has_state else 0)
+                if phase.endswith("optimizer"):
+                    value += new_step - old_step
+                peak = max(peak, value)
+            return peak + (est.device_bytes - est.peak_bytes)
+        return None
+
+    return quick

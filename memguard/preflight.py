@@ -24,7 +24,7 @@ from memguard.guard import (
     parse_bytes,
 )
 from memguard.optimizers import CATALOG
-from memguard.plan import DEFAULT_MARGIN, TrainingConfig, batch_size_of, slice_batch
+from memguard.plan import DEFAULT_MARGIN, TrainingConfig, batch_size_of, optimizer_what_if, slice_batch
 from memguard.precision import Precision
 
 
@@ -74,6 +74,7 @@ def preflight(
                         accumulate_grad_batches=cfg.accumulate_grad_batches,
                         optimizer_offload=cfg.optimizer_offload, **fixed)
 
+    evaluate.quick = optimizer_what_if(model, "cuda" if target.type == "cuda" else "cpu")  # type: ignore[attr-defined]
     knobs = tuple(k for k in (allow if allow is not None else ("precision", "optimizer", "micro_batch",
                                                                  "checkpointing"))
                   if k != "checkpointing" or checkpointing.available(model))

@@ -31,6 +31,7 @@ def _evaluate():
             _CACHE[config] = inner(config)
         return _CACHE[config]
 
+    evaluate.quick = inner.quick  # the planner's optimizer what-ifs are exercised too
     return evaluate
 
 
@@ -133,3 +134,13 @@ def test_bad_arguments() -> None:
         plan(BASE, _evaluate(), 10, allow=["precisoin"])
     with pytest.raises(InvalidArgumentError, match="capacity must be positive"):
         plan(BASE, _evaluate(), 0)
+
+
+def test_optimizer_what_if_agrees_with_a_full_trace() -> None:
+    """The what-if the planner uses to skip optimizer candidates lands close to the traced answer."""
+    evaluate = _evaluate()
+    known = {BASE: evaluate(BASE)}
+    other = TrainingConfig(precision="32-true", optimizer="adafactor", micro_batch_size=4)
+    guess = evaluate.quick(other, known)
+    full = evaluate(other).device_bytes
+    assert guess is not None and abs(guess - full) / full < 0.05
