@@ -167,7 +167,7 @@ class CPUDevice(DeviceModel):
     rule (scratch as large as the op's inputs plus outputs) and says so in the notes.
     """
 
-    probe_limit: int = 256 << 20
+    probe_limit: int = 1 << 30
     name: str = "cpu"
     optimizer_impl: str = "for-loop"
     _cache: dict = field(default_factory=dict)
@@ -193,10 +193,11 @@ class CPUDevice(DeviceModel):
     def _probe(self, func: Any, args: tuple, kwargs: dict, outputs: list) -> OpMemory:
         flat = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
         fake_out = sum(o.untyped_storage().nbytes() for o in outputs if isinstance(o, torch.Tensor))
-        need = sum(x.untyped_storage().nbytes() for x in flat) + 3 * fake_out
+        inputs = sum(x.untyped_storage().nbytes() for x in flat)
+        need = inputs + 2 * fake_out  # the real inputs and outputs, and as much again for the kernel's scratch
         if need > self.probe_limit:
             self._notes.append(f"{func}: kernel scratch bounded by inputs + outputs (too large to probe)")
-            return OpMemory(transient=need - 3 * fake_out + fake_out)
+            return OpMemory(transient=inputs + fake_out)
         with _disable_current_modes(), torch.enable_grad(), torch.autocast("cpu", enabled=False):
             rargs, rkwargs = tree_map(lambda x: _real_like(x, self._resized), (args, kwargs))
             try:
