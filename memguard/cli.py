@@ -2,9 +2,16 @@
 
 Exit codes:
 
-- 0: success (for ``gpus``, also when no GPU is visible: having none is a fact, not an error);
-- 2: invalid input: a usage error, an unknown name, any error memguard raises about its input. The message
-  goes to stderr, with a traceback only under ``--debug``.
+- 0: success: ``check``: the run fits as configured (on every GPU checked); ``gpus``: also when no GPU is
+  visible (having none is a fact, not an error);
+- 1: ``check``: the run does not fit even with the allowed fallbacks (on at least one GPU);
+- 2: invalid input: a usage error, an unknown name, a config problem, any error memguard raises about its
+  input, or a configuration memguard could not evaluate. The message goes to stderr, with a traceback only
+  under ``--debug``;
+- 3: ``check``: the run fits only with the plan's changes (on every GPU that is not fine as configured).
+
+With several ``--gpu`` the worst outcome decides: 1 if any GPU fits nothing allowed, else 3 if any needs
+its plan, else 0.
 
 Diagnostics go to stderr; ``--json`` output to stdout. Each subcommand is a function in ``_HANDLERS`` that
 takes the parsed arguments and returns the exit code; the real work happens in the library.
@@ -13,11 +20,13 @@ takes the parsed arguments and returns the exit code; the real work happens in t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -43,10 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `memguard gpus --json | head`: the reader left, nothing to report
         _silence_stdout()
         return EXIT_OK
-    except MemguardError as exc:
+    except (MemguardError, ImportError) as exc:  # ImportErrors name the package to install
         if args.debug:
             traceback.print_exc()
         print(f"memguard: error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except Exception as exc:  # noqa: BLE001 - a failure inside a user's model or ours: no traceback unasked
+        if args.debug:
+            traceback.print_exc()
+        print(f"memguard: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
         return EXIT_INVALID
 
 
@@ -73,6 +87,31 @@ def _build_parser() -> argparse.ArgumentParser:
     gpus.add_argument("--json", action="store_true", help="print JSON on stdout")
     gpus.add_argument("--catalog", action="store_true", help="list the GPU models memguard knows offline")
     gpus.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    check = commands.add_parser(
+        "check", help="predict whether a training config fits a GPU, and plan fallbacks if not",
+        description="Predict the peak GPU memory of a training config (memguard YAML, a LightningCLI fit config "
+                    "or a transformers config.json) without a GPU, and plan the cheapest change that fits. "
+                    "Exit codes: 0 fits, 1 nothing allowed fits, 2 invalid input, 3 fits only with the plan.",
+    )
+    check.add_argument("config", metavar="CONFIG", help="memguard YAML, LightningCLI fit YAML, or config.json")
+    check.add_argument("--gpu", action="append", default=[], metavar="NAME",
+                       help="a GPU from the catalog (repeat to compare); default: the config's gpu, else this "
+                            "machine's GPUs")
+    check.add_argument("--devices", type=int, metavar="N", help="devices per node (overrides trainer.devices)")
+    check.add_argument("--num-nodes", type=int, metavar="N", help="nodes (overrides trainer.num_nodes)")
+    check.add_argument("--json", action="store_true", help="print JSON on stdout")
+    check.add_argument("--plot", metavar="FILE", help="also draw the breakdown and timeline to FILE.png or FILE.html")
+    check.add_argument("--no-fallback", action="store_true", help="do not search for a plan when it does not fit")
+    check.add_argument("--allow", metavar="KNOB,KNOB",
+                       help="knobs the planner may turn: precision, optimizer, micro_batch, checkpointing, offload")
+    check.add_argument("--margin", type=float, metavar="F", help="safety margin, e.g. 0.05 for 5%%")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value (OmegaConf dotlist, repeatable), e.g. trainer.precision=16-mixed")
+    check.add_argument("--batch-size", type=int, metavar="N", help="samples per batch (overrides the config)")
+    check.add_argument("--seq-len", type=int, metavar="N", help="tokens per sample (overrides the config)")
+    check.add_argument("--image-size", type=int, metavar="N", help="pixels per side (overrides the config)")
+    check.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -151,8 +190,54 @@ def _print_catalog(as_json: bool) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------------------------------------
+# memguard check
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """``memguard check CONFIG ...``: load, check, print; the exit code is the check's."""
+    from memguard import report
+    from memguard.config import Options, load_config, run_check
+
+    if args.plot and not args.plot.lower().endswith(report.PLOT_SUFFIXES):
+        print(f"memguard: error: --plot {args.plot}: the file must end in .png, .html or .htm", file=sys.stderr)
+        return EXIT_INVALID
+    with _quiet_libraries(args.debug):
+        options = Options(gpus=tuple(args.gpu), devices=args.devices, num_nodes=args.num_nodes, allow=args.allow,
+                          margin=args.margin, fallback=False if args.no_fallback else None,
+                          batch_size=args.batch_size, seq_len=args.seq_len, image_size=args.image_size)
+        result = run_check(load_config(args.config, args.set, options))
+    if args.json:
+        print(json.dumps(report.to_json(result), indent=2))
+    else:
+        print(report.render_check(result))
+    if args.plot:
+        written = report.plot(result, args.plot)
+        print(f"memguard: wrote {written}", file=sys.stderr)
+    return result.exit_code
+
+
+@contextlib.contextmanager
+def _quiet_libraries(debug: bool) -> Iterator[None]:
+    """Keep third-party warnings and log chatter (transformers, peft, torchao) out of the report, unless
+    --debug asks for everything."""
+    if debug:
+        yield
+        return
+    import logging
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)  # libraries reset their own loggers' levels when they load
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "gpus": _cmd_gpus,
+    "check": _cmd_check,
 }
 
 

@@ -433,7 +433,9 @@ def run_steps(
             _tag_optimizer_state(recorder, optimizer, mode)
     first: _StepRecord | None = None
     for step in range(1, program.steps + 1):
-        for micro in range(program.accumulate):
+        # Micro-batches after the second repeat it exactly (gradients exist, each backward accumulates into
+        # them), so two are traced: the peak of any longer accumulation is the same.
+        for micro in range(min(program.accumulate, 2)):
             label = f"step{step}" if program.accumulate == 1 else f"step{step}.micro{micro + 1}"
             zero_first = program.zero_grad_before_backward and micro == 0
             if first is not None and first.replayable and program.accumulate == 1:
