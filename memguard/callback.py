@@ -195,6 +195,8 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
             loss_fn=loss_fn, device="cuda" if device.type == "cuda" else "cpu", zero_grad_before_backward=True,
             prepare_model=prepare, shared=(trainer,),
         )
+        if trainer.world_size > 1:  # this rank's share under the Trainer's own strategy object
+            fixed.update(strategy=trainer.strategy, world_size=trainer.world_size, num_nodes=trainer.num_nodes)
         if device.type == "cuda" and capacity.gpu is not None:
             fixed["gpu"] = capacity.gpu
 

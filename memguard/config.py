@@ -1355,28 +1355,29 @@ def _evaluator(spec: CheckSpec, model: nn.Module, gpu: Any) -> Callable[[Trainin
                 quantization=spec.quantization,
                 accumulate_grad_batches=min(config.accumulate_grad_batches, TRACED_MICRO_BATCHES),
                 optimizer_offload=config.optimizer_offload,
+                **_distributed(spec),
             )
         return cache[config]
 
     return evaluate
 
 
+def _distributed(spec: CheckSpec) -> dict[str, Any]:
+    """estimate()'s strategy arguments: per-rank prediction for several ranks (or an explicit strategy)."""
+    world = spec.world_size or 1
+    if world == 1 and spec.strategy in ("auto", "single_device", None):
+        return {}
+    return {"strategy": spec.strategy, "world_size": world, "num_nodes": spec.num_nodes or 1}
+
+
 def _strategy_notes(spec: CheckSpec) -> list[str]:
     """What the numbers mean under the configured strategy and device count."""
-    world = spec.world_size
-    if world is None:
-        count = "the number of devices is decided at run time (devices: auto)"
-    elif world == 1:
-        return [] if spec.strategy in ("auto", "single_device") else [
-            f"strategy {spec.strategy!r} on a single device: predicted as a single-device run"]
-    else:
-        count = f"{world} devices ({spec.devices} per node x {spec.num_nodes} node{'s' if spec.num_nodes > 1 else ''})"
-    if spec.strategy in SHARDED:
-        return [f"strategy {spec.strategy!r} over {count}: memguard predicts sharded strategies as unsharded "
-                "for now, so each device's numbers below are those of a full replica, an upper bound of what it "
-                "holds"]
-    return [f"strategy {spec.strategy!r} over {count}: every device holds a full replica, so the numbers below "
-            "are per device (the gradient all-reduce buckets of DDP are not included)"]
+    if spec.world_size is None:
+        return ["the number of devices is decided at run time (devices: auto): predicted for one device"]
+    if spec.world_size == 1:
+        return []
+    return [f"strategy {spec.strategy!r} over {spec.world_size} devices ({spec.devices} per node x {spec.num_nodes} "
+            f"node{'s' if spec.num_nodes > 1 else ''}): the numbers are the largest rank's"]
 
 
 def _target_notes(spec: CheckSpec, target: Target) -> list[str]:

@@ -106,6 +106,9 @@ def estimate(
     optimizer_offload: bool = False,
     prepare_model: Callable[[nn.Module], None] | None = None,
     shared: tuple = (),
+    strategy: Any = None,
+    world_size: int = 1,
+    num_nodes: int = 1,
 ) -> Estimate:
     """Predict the peak memory of training ``model`` on ``batch``.
 
@@ -126,11 +129,25 @@ def estimate(
     and CUDA context size (default: an sm80-class GPU).
     ``prepare_model`` runs on memguard's copy of the model before tracing (to silence logging, say);
     ``shared`` lists objects the model refers to that must not be copied (a Lightning Trainer).
+    ``strategy`` / ``world_size`` / ``num_nodes``: a Lightning strategy name ("ddp", "fsdp", "fsdp2",
+    "deepspeed_stage_2", ...) or object and the number of ranks: each rank's peak is predicted
+    (:mod:`memguard.distributed`); ``peak_bytes`` is the largest, ``per_rank`` lists them all.
     ``on_untraceable="bound"``: when only the optimizer cannot be traced, return a conservative bound
     (Adam-sized state, foreach-sized step scratch) marked ``approximate`` instead of raising.
     """
     if on_untraceable not in ("raise", "bound"):
         raise InvalidArgumentError(f"on_untraceable must be 'raise' or 'bound', got {on_untraceable!r}")
+    if strategy is not None and not (isinstance(strategy, str) and strategy == "auto" and world_size == 1):
+        from memguard.distributed import estimate_distributed
+
+        return estimate_distributed(
+            model, batch, strategy=strategy, world_size=world_size, num_nodes=num_nodes, loss_fn=loss_fn,
+            optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, optimizer_impl=optimizer_impl,
+            precision=precision, device=device, gpu=gpu, gradient_checkpointing=gradient_checkpointing,
+            zero_grad_before_backward=zero_grad_before_backward, steps=steps, on_untraceable=on_untraceable,
+            quantization=quantization, accumulate_grad_batches=accumulate_grad_batches,
+            optimizer_offload=optimizer_offload, prepare_model=prepare_model, shared=shared,
+        )
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
