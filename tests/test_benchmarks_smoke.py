@@ -1,0 +1,103 @@
+"""Smoke tests of the benchmark scripts: the peers answer plausibly, gpu_validate.py runs without a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from groundtruth import measure_peak
+from zoo import Decoder, FrozenBackbone, _ids
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+GPU_VALIDATE = BENCH / "gpu_validate.py"
+
+
+@pytest.fixture(scope="module")
+def peers():
+    pytest.importorskip("accelerate")
+    pytest.importorskip("torchinfo")
+    spec = importlib.util.spec_from_file_location("bench_peers", BENCH / "peers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    # DeepSpeed's import is slow and changes global state: the copied formulas are compared with it in a
+    # subprocess below, so this process uses the copies.
+    module._DEEPSPEED.update(loaded=True)
+    return module
+
+
+def test_peers_plausible_on_a_small_decoder(peers) -> None:
+    torch.manual_seed(0)
+    model, batch = Decoder(layers=1), _ids(2, 32)
+    params = sum(p.numel() for p in model.parameters())
+    fp32_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    got = {name: peers.call(peer, model, batch, "adamw", "32-true") for name, peer in peers.PEERS.items()}
+    for name, result in got.items():
+        assert result.bytes is not None and result.bytes > 0, (name, result.reason)
+    assert got["24 B/param"].bytes == 24 * params
+    assert got["accelerate"].bytes == 4 * fp32_bytes  # "Training using Adam" for float32
+    assert got["deepspeed-zero2"].bytes == 20 * params
+    assert got["deepspeed-zero3"].bytes == 18 * params + 4 * largest
+    assert got["torchinfo"].bytes > fp32_bytes  # parameters plus inputs and activations
+    real = measure_peak(model, batch, lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+    assert abs(got["MemTracker"].bytes - real) <= 0.02 * real  # it tracks the real steps
+    half = peers.call(peers.accelerate_estimate, model, batch, "adamw", "bf16-mixed")
+    assert half.bytes == 2 * fp32_bytes
+
+
+def test_a_failing_peer_is_not_applicable(peers) -> None:
+    model, batch = FrozenBackbone(), (torch.randn(4, 256), torch.randint(0, 10, (4,)))
+    result = peers.call(peers.memtracker_peak, model, batch, "adamw", "32-true")
+    assert result.bytes is None and result.reason
+    meta = peers.call(peers.torchinfo_total, Decoder().to("meta"), _ids(2, 8), "adamw", "32-true")
+    assert meta.bytes is None and "real model" in meta.reason
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_copied_deepspeed_formulas_match_deepspeed() -> None:
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs as z2\n"
+        "from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs as z3\n"
+        "import peers\n"
+        "for p, big in [(10**6, 10**4), (6_738_415_616, 131_072_000), (123, 7)]:\n"
+        "    assert z2(p, cpu_offload=False)[1] == peers._zero2_gpu_bytes(p)\n"
+        "    assert z3(p, big, cpu_offload=False, cpu_offload_params=False)[1] == peers._zero3_gpu_bytes(p, big)\n"
+        "print('same')\n" % str(BENCH)
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0 and "same" in out.stdout, out.stderr[-2000:]
+
+
+def _results_state() -> dict:
+    files = [BENCH / "results" / "gpu_validate.json", BENCH / "results" / "gpu_validate.md"]
+    return {f.name: f.stat().st_mtime_ns if f.exists() else None for f in files}
+
+
+def test_gpu_validate_dry_run_writes_nothing() -> None:
+    before = _results_state()
+    names = ["gpt2_bf16-mixed_adamw8bit_b8_s512", "llama_bf16-mixed_adamw-fused_b4_s2048"]
+    out = subprocess.run([sys.executable, str(GPU_VALIDATE), "--dry-run", "--tiny", "--only", *names],
+                         capture_output=True, text=True, timeout=120, check=False,
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in names:
+        assert f"{name}_tiny: params" in out.stdout, out.stdout
+    assert "no results written" in out.stdout
+    assert _results_state() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_gpu_validate_without_cuda_exits_0() -> None:
+    out = subprocess.run([sys.executable, str(GPU_VALIDATE)], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "no CUDA GPU: nothing to validate" in out.stdout
