@@ -77,10 +77,9 @@ def test_auto_turns_on_checkpointing() -> None:
 
 def test_auto_swaps_the_optimizer_and_the_scheduler_follows() -> None:
     pytest.importorskip("bitsandbytes")
-    tried = _requirements(["optimizer"])
-    config, need = next((c, n) for c, n in tried[1:] if c.optimizer in ("adamw8bit", "ao_adamw8bit"))
-    model, callback, trainer = _fit(["optimizer"], need)
-    assert callback.applied.optimizer == config.optimizer
+    base = _requirements(["optimizer"])[0][1]
+    model, callback, trainer = _fit(["optimizer"], base - 1)  # the cheapest optimizer change is 8-bit AdamW
+    assert callback.applied.optimizer in ("adamw8bit", "ao_adamw8bit")
     assert "8bit" in model.seen["optimizer"][0]
     # StepLR halves the learning rate every step on the new optimizer: the scheduler still drives it
     assert model.seen["lr"] == pytest.approx([1e-3, 5e-4, 2.5e-4])
