@@ -195,18 +195,22 @@ def main(argv: list[str] | None = None) -> None:
         "parameters); no gradients of weights, no optimizer state.",
         "- MemTracker: `torch.distributed._tools.mem_tracker.MemTracker` around the same two real training "
         "steps of a copy of the model (model, optimizer and batch registered with `track_external`, "
-        "`reset_mod_stats()` after each backward, which MemTracker needs before the model's next forward), peak `Total` of `get_tracker_snapshot(\"peak\")`. It runs the "
-        "real step, so its time is a training step's, not a prediction's (see speed.md for it under fake "
-        "tensors). It registers gradient hooks on every parameter and fails on models with frozen ones.",
+        "`reset_mod_stats()` after each backward, which MemTracker needs before the model's next forward), "
+        "peak `Total` of `get_tracker_snapshot(\"peak\")`. It runs the real step, so its time is a training "
+        "step's, not a prediction's (see speed.md for it under fake tensors). It registers gradient hooks on "
+        "every parameter and fails on models with frozen ones.",
         "- 24 B/param: 24 x the number of parameters (tied weights once, frozen ones included).",
         "",
         "Cases gpt2_4layers_b2_seq256, vit_b16_4layers_b2 and resnet50_b2_sgd_momentum are built with "
         "transformers from memguard.presets' hyperparameters (gpt2 and vit-b-16 with 4 layers), random weights.",
     ]
     if memguard_notes:
+        from memguard.device import CPUDevice
+
+        limit = CPUDevice().probe_limit / 2**20
         notes += ["", "memguard on the CPU probes hidden kernel scratch by running each kernel once; above its "
-                  "256 MiB probe limit it falls back to a conservative bound (the kernel's inputs plus outputs), "
-                  "which is what makes it over-predict the GPT-2 case (50257-token vocabulary). Its notes:", "",
+                  f"{limit:,.0f} MiB probe limit it falls back to a conservative bound (the kernel's inputs plus "
+                  "outputs) and says so in its notes, which is where it over-predicts here:", "",
                   *[f"- {n}" for n in memguard_notes]]
     notes += ["", "Case details:", "",
               "| case | parameters | precision | optimizer | checkpointing | accumulate |",

@@ -212,11 +212,19 @@ def _nvml_used() -> dict | None:
 
 
 def worker(run: Run, gpu: str | None) -> dict:
-    """Predict, then train for real; everything measured, as a dict."""
+    """Predict, then train for real; everything measured, as a dict (a failure of the real run is reported
+    next to the prediction, not raised)."""
     out: dict[str, Any] = {"run": asdict(run)}
     out["predicted"] = predict(run, gpu)
     nvml_before = _nvml_used()  # before this process touches CUDA
+    try:
+        _train(run, out, nvml_before)
+    except Exception as exc:  # noqa: BLE001 - the driver reports it and goes on with the next run
+        out["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return out
 
+
+def _train(run: Run, out: dict, nvml_before: dict | None) -> None:
     import torch
 
     from memguard import checkpointing
@@ -262,10 +270,11 @@ def worker(run: Run, gpu: str | None) -> dict:
         "alloc_retries": stats.get("num_alloc_retries", 0),
         "oom": oom,
     }
-    out["device"] = {"torch_name": torch.cuda.get_device_name(0), "total": torch.cuda.get_device_properties(0).total_memory,
+    out["device"] = {"torch_name": torch.cuda.get_device_name(0),
+                     "total": torch.cuda.get_device_properties(0).total_memory,
                      "torch": torch.__version__, "cuda": torch.version.cuda,
                      "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
-    return out
+    out["status"] = "OOM" if oom else "ok"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -288,6 +297,8 @@ def _pct(e: float | None) -> str:
 
 def summarize(result: dict) -> dict:
     m, p = result.get("measured") or {}, result.get("predicted") or {}
+    if m.get("oom"):  # the peaks of a step that died are not the step's peaks
+        m = {}
     result["errors"] = {
         "allocated": _error(p.get("peak_bytes"), m.get("max_allocated")),
         "reserved": _error(p.get("reserved_bytes"), m.get("max_reserved")),
@@ -342,6 +353,7 @@ def _local_gpu() -> tuple[bool, str | None, dict]:
         if found.gpus:
             info = found.gpus[0]
             facts["gpu_name"] = info.name
+            facts["bf16"] = bool(info.bf16)
             entry = match_device(info)
             facts["catalog"] = entry.name if entry is not None else None
         else:
@@ -456,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
         if left < 20:
             results.append({"run": asdict(run), "status": "skipped: time budget spent"})
             print(f"  {run.name}: skipped (time budget spent)", flush=True)
+            continue
+        if not facts.get("bf16", True) and "bf16" in run.precision:
+            results.append({"run": asdict(run), "status": "skipped: this GPU has no native bfloat16"})
+            print(f"  {run.name}: skipped (no native bfloat16)", flush=True)
             continue
         result = summarize(_spawn_worker(run, gpu, min(args.run_timeout, left)))
         result.setdefault("status", "ok")

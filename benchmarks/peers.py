@@ -93,7 +93,7 @@ def call(peer: Callable[..., int], model: nn.Module, batch: Any, optimizer: str,
 
 
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:
-    return list(model.parameters())  # named_parameters de-duplicates tied weights
+    return list(model.parameters())  # parameters() yields a tied weight once
 
 
 def param_count(model: nn.Module) -> int:

@@ -169,7 +169,7 @@ def _check_config(label: str, folder: Path) -> Path:
 
 def check_available() -> str | None:
     """None when ``memguard check`` exists, else why not."""
-    rc, out, err, _w, _r = _spawn([*_memguard_cli(), "check", "--help"], 120)
+    rc, _out, err, _w, _r = _spawn([*_memguard_cli(), "check", "--help"], 120)
     if rc != 0:
         return (err.strip().splitlines() or [f"exit {rc}"])[-1][:120]
     return None
@@ -247,9 +247,9 @@ def main(argv: list[str] | None = None) -> None:
                     if check_missing:
                         r = {"error": f"n/a: `memguard check` unavailable ({check_missing})"}
                     else:
-                        r = best_of(args.repeats, lambda: cli_check(label, Path(tmp), args.check_timeout))
+                        r = best_of(args.repeats, lambda label=label: cli_check(label, Path(tmp), args.check_timeout))
                 else:
-                    r = best_of(args.repeats, lambda: in_process(label, tool, args.timeout))
+                    r = best_of(args.repeats, lambda label=label, tool=tool: in_process(label, tool, args.timeout))
                 results[(label, tool)] = r
                 print(label, tool, r, flush=True)
 
@@ -289,6 +289,10 @@ def main(argv: list[str] | None = None) -> None:
          f"{GPU} --json`, interpreter start and imports included; when the run does not fit as configured "
          "the command also searches for a plan, which is included. The 125M model has no preset: its "
          "config.json is given as `model: {hf_config: ...}`.",
+         "- memguard check predicts a Lightning run by default (its config key `zero_grad_before_backward` "
+         "defaults to true: the previous step's gradients live through the next forward), so its as-configured "
+         "peak is above the bare estimate's by up to one set of fp32 gradients. When the run does not fit, most "
+         "of its time is the plan search (the number of plans tried is in the notes).",
          "- MemTracker (fake): PyTorch's MemTracker around the same two steps on fake tensors "
          "(FakeTensorMode, model.to_empty), AdamW foreach, CPU bf16 autocast; seconds after imports. Its "
          "predicted peak is the fake CPU step's (no CUDA kernels or allocator model), so it differs from "
