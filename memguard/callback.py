@@ -34,6 +34,7 @@ from memguard.guard import (
     decide,
     detect_capacity,
     explain,
+    first_optimizer,
     optimizer_factory,
     optimizers_available,
     parse_bytes,
@@ -261,7 +262,7 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         return first, step_loss
 
     def _optimizers(self, pl_module: Any, device: torch.device) -> tuple[Any, str]:
-        optimizer = _first_optimizer(pl_module.configure_optimizers())
+        optimizer = first_optimizer(pl_module.configure_optimizers())
         if optimizer is None:
             return None, "none"
         return optimizer_factory(optimizer, pl_module, device.type)
@@ -425,21 +426,6 @@ def _forward_sum_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
 def _shapes(batch: Any) -> list:
     return [tuple(t.shape) for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)]
-
-
-def _first_optimizer(configured: Any) -> torch.optim.Optimizer | None:
-    if configured is None:
-        return None
-    if isinstance(configured, torch.optim.Optimizer):
-        return configured
-    if isinstance(configured, Mapping):
-        return _first_optimizer(configured.get("optimizer"))
-    if isinstance(configured, (tuple, list)):
-        for item in configured:
-            found = _first_optimizer(item)
-            if found is not None:
-                return found
-    return None
 
 
 def _all_gather(obj: dict[str, Any], world_size: int) -> list[dict[str, Any]]:

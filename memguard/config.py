@@ -39,6 +39,7 @@ from memguard import optimizers, presets
 from memguard.errors import InvalidArgumentError, MemguardError, closest, unknown_name
 from memguard.estimate import Estimate, estimate
 from memguard.gpu_catalog import CatalogGPU, lookup, match_device
+from memguard.guard import first_optimizer
 from memguard.plan import DEFAULT_MARGIN, KNOBS, Plan, TrainingConfig, batch_size_of, plan, required_bytes, slice_batch
 from memguard.precision import Precision
 from memguard.quantization import QuantScheme
@@ -1069,7 +1070,7 @@ class _Loader:
                                            f"Trainer ({type(exc).__name__}: {_first_line(exc)}); give optimizer: "
                                            "{class_path: ..., init_args: ...}")
             return None
-        found = _first_optimizer(configured)
+        found = first_optimizer(configured)
         if found is None:
             self.problems.add("optimizer", f"not given, and {owner}.configure_optimizers() returned no optimizer")
             return None
@@ -1137,20 +1138,6 @@ def _is_lightning_module(cls: type) -> bool:
     """Whether ``cls`` derives from either Lightning package's LightningModule, without importing Lightning."""
     packages = ("lightning", "pytorch_lightning")
     return any(base.__name__ == "LightningModule" and base.__module__.split(".")[0] in packages for base in cls.__mro__)
-
-
-def _first_optimizer(configured: Any) -> torch.optim.Optimizer | None:
-    """The first optimizer in whatever ``configure_optimizers`` returned (an optimizer, lists, dicts)."""
-    if isinstance(configured, torch.optim.Optimizer):
-        return configured
-    if isinstance(configured, Mapping):
-        return _first_optimizer(configured.get("optimizer"))
-    if isinstance(configured, (list, tuple)):
-        for item in configured:
-            found = _first_optimizer(item)
-            if found is not None:
-                return found
-    return None
 
 
 def _training_step_loss(model: nn.Module, batch: Any) -> torch.Tensor:

@@ -288,6 +288,22 @@ def optimizer_factory(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
     return factory, name or cls.__name__
 
 
+def first_optimizer(configured: Any) -> torch.optim.Optimizer | None:
+    """The first optimizer in whatever ``configure_optimizers`` returned (an optimizer, lists, dicts)."""
+    from collections.abc import Mapping
+
+    if isinstance(configured, torch.optim.Optimizer):
+        return configured
+    if isinstance(configured, Mapping):
+        return first_optimizer(configured.get("optimizer"))
+    if isinstance(configured, (list, tuple)):
+        for item in configured:
+            found = first_optimizer(item)
+            if found is not None:
+                return found
+    return None
+
+
 def catalog_name(optimizer: torch.optim.Optimizer) -> str | None:
     """The catalog name of a live optimizer, when memguard knows its class."""
     from memguard.optimizers import CATALOG
