@@ -31,26 +31,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.autograd.profiler import profile  # noqa: E402
 
+from groundtruth import _allocation_totals as _events  # noqa: E402  (the same ground truth, per rank)
 from zoo import Block, Decoder, _ids  # noqa: E402
 
 SENTINEL = 7_654_321
 """Bytes of the marker allocation made right before the first training step (no model makes one this size)."""
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _events(prof: Any) -> list[tuple[int, int]]:
-    """(alloc_size, total_allocated) of every CPU allocator event, in time order."""
-    out = []
-    stack = list(prof.kineto_results.experimental_event_tree())
-    while stack:
-        ev = stack.pop()
-        stack.extend(ev.children)
-        fields = ev.extra_fields
-        if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
-            out.append((ev.start_time_ns, fields.alloc_size, fields.total_allocated))
-    out.sort()
-    return [(size, total) for _, size, total in out]
 
 
 def _named_events(prof: Any) -> list[tuple[int, str]]:
