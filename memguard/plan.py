@@ -41,7 +41,8 @@ KNOBS = ("precision", "optimizer", "micro_batch", "checkpointing", "offload")
 
 DEFAULT_MARGIN = 0.05
 """Safety margin on top of the prediction: a plan fits when prediction x (1 + margin) <= capacity.
-Sized to the worst error measured against published GPU runs (see README, "Accuracy on GPUs")."""
+Sized to the errors measured on the CPU ground truth and on published GPU runs (see README, "The safety
+margin")."""
 
 _ADAM_FAMILY = ("adam", "adamw")
 _OPTIMIZER_COST = {"adamw8bit": 2.0, "ao_adamw8bit": 2.0, "ao_adamw4bit": 3.0, "adafactor": 4.0}
