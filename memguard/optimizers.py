@@ -324,24 +324,7 @@ def _rmsprop_program(ps: list[ParamSpec], o: Options) -> list[Event]:
     wd, maximize = o.get("weight_decay", 0.0), o.get("maximize", False)
     ev = _state_first(ps)
     if o.implementation == "for-loop":
-        grad: str | None = None
-        avg: str | None = None
-        for i, p in enumerate(ps):
-            _free(ev, grad)
-            grad = None
-            if maximize:
-                ev.append(Alloc(f"neg{i}", p.nbytes))
-                grad = f"neg{i}"
-            if wd != 0:
-                ev.append(Alloc(f"wd{i}", p.nbytes))
-                _free(ev, grad)
-                grad = f"wd{i}"
-            ev.append(Alloc(f"avg{i}", p.nbytes))
-            _free(ev, avg)
-            avg = f"avg{i}"
-        _free(ev, avg)
-        _free(ev, grad)
-        return ev
+        return _sqrt_per_parameter(ev, ps, wd, maximize, "avg")
     held: list[str] = []
     previous: list[str] = []
     for members in _dtype_groups(ps):
@@ -359,6 +342,29 @@ def _rmsprop_program(ps: list[ParamSpec], o: Options) -> list[Event]:
     return ev
 
 
+def _sqrt_per_parameter(ev: list[Event], ps: list[ParamSpec], wd: float, maximize: bool, name: str) -> list[Event]:
+    """The for-loop step RMSprop and Adagrad share: per parameter, ``-grad`` (maximize) and
+    ``grad.add(param)`` (weight decay) temporaries, and a square root bound until the next parameter's."""
+    grad: str | None = None
+    root: str | None = None
+    for i, p in enumerate(ps):
+        _free(ev, grad)
+        grad = None
+        if maximize:
+            ev.append(Alloc(f"neg{i}", p.nbytes))
+            grad = f"neg{i}"
+        if wd != 0:
+            ev.append(Alloc(f"wd{i}", p.nbytes))
+            _free(ev, grad)
+            grad = f"wd{i}"
+        ev.append(Alloc(f"{name}{i}", p.nbytes))
+        _free(ev, root)
+        root = f"{name}{i}"
+    _free(ev, root)
+    _free(ev, grad)
+    return ev
+
+
 def _adagrad_layout(p: ParamSpec, o: Options) -> list[Buffer]:
     return [_torch_step(o, o.implementation == "fused"), Buffer("sum", p.shape, p.dtype)]
 
@@ -373,24 +379,7 @@ def _adagrad_program(ps: list[ParamSpec], o: Options) -> list[Event]:
     if o.implementation == "fused":
         return ev
     if o.implementation == "for-loop":
-        grad: str | None = None
-        std: str | None = None
-        for i, p in enumerate(ps):
-            _free(ev, grad)
-            grad = None
-            if maximize:
-                ev.append(Alloc(f"neg{i}", p.nbytes))
-                grad = f"neg{i}"
-            if wd != 0:
-                ev.append(Alloc(f"wd{i}", p.nbytes))
-                _free(ev, grad)
-                grad = f"wd{i}"
-            ev.append(Alloc(f"std{i}", p.nbytes))
-            _free(ev, std)
-            std = f"std{i}"
-        _free(ev, std)
-        _free(ev, grad)
-        return ev
+        return _sqrt_per_parameter(ev, ps, wd, maximize, "std")
     grads_held: list[str] = []  # bound to device_grads
     numerator: list[str] = []  # bound to numerator (may be the same list as device_grads)
     std_prev: list[str] = []
