@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 from memguard import _lightning, checkpointing
 from memguard.errors import MemguardError
-from memguard.estimate import Estimate, estimate
+from memguard.estimate import Estimate
 from memguard.guard import (
     Decision,
     OutOfMemoryPredicted,
@@ -42,7 +42,7 @@ from memguard.guard import (
     repoint_scheduler,
 )
 from memguard.optimizers import CATALOG
-from memguard.plan import DEFAULT_MARGIN, KNOBS, TrainingConfig, batch_size_of, optimizer_what_if, slice_batch
+from memguard.plan import DEFAULT_MARGIN, KNOBS, TrainingConfig, batch_size_of, estimator
 from memguard.precision import Precision
 
 STATE_VERSION = 1
@@ -201,14 +201,7 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         if device.type == "cuda" and capacity.gpu is not None:
             fixed["gpu"] = capacity.gpu
 
-        def evaluate(cfg: TrainingConfig) -> Estimate:
-            opt = optimizer_factory if cfg.optimizer == optimizer_name else cfg.optimizer
-            return estimate(model, slice_batch(batch, cfg.micro_batch_size), optimizer=opt, precision=cfg.precision,
-                            gradient_checkpointing=True if cfg.gradient_checkpointing else None,
-                            accumulate_grad_batches=cfg.accumulate_grad_batches,
-                            optimizer_offload=cfg.optimizer_offload, **fixed)
-
-        evaluate.quick = optimizer_what_if(model, "cuda" if device.type == "cuda" else "cpu")  # type: ignore[attr-defined]
+        evaluate = estimator(model, batch, optimizers={optimizer_name: {"optimizer": optimizer_factory}}, **fixed)
         allow = self._allowed_knobs(trainer, pl_module, device, optimizer_name)
         return decide(config, evaluate, capacity, policy=self.policy, margin=self.margin, allow=allow,
                       allow_bf16_true=self.allow_bf16_true, optimizers_available=optimizers_available(),

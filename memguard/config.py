@@ -37,10 +37,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 from memguard import gpus as local_gpus
 from memguard import optimizers, presets
 from memguard.errors import InvalidArgumentError, MemguardError, closest, unknown_name
-from memguard.estimate import Estimate, estimate
+from memguard.estimate import Estimate
 from memguard.gpu_catalog import CatalogGPU, lookup, match_device
 from memguard.guard import first_optimizer
-from memguard.plan import DEFAULT_MARGIN, KNOBS, Plan, TrainingConfig, batch_size_of, plan, required_bytes, slice_batch
+from memguard.plan import DEFAULT_MARGIN, KNOBS, Plan, TrainingConfig, batch_size_of, estimator, plan, required_bytes
 from memguard.precision import Precision
 from memguard.quantization import QuantScheme
 
@@ -1321,32 +1321,20 @@ than one of 2."""
 
 
 def _evaluator(spec: CheckSpec, model: nn.Module, gpu: Any) -> Callable[[TrainingConfig], Estimate]:
-    """The planner's estimate function for one GPU model, memoised per configuration."""
-    cache: dict[TrainingConfig, Estimate] = {}
-
-    def evaluate(config: TrainingConfig) -> Estimate:
-        if config not in cache:
-            same = config.optimizer == spec.training.optimizer
-            cache[config] = estimate(
-                model,
-                slice_batch(spec.batch, config.micro_batch_size),
-                loss_fn=spec.loss_fn,
-                optimizer=spec.optimizer if same else config.optimizer,
-                optimizer_kwargs=spec.optimizer_kwargs if same else None,
-                precision=config.precision,
-                device="cuda",
-                gpu=gpu,
-                gradient_checkpointing=True if config.gradient_checkpointing else spec.gradient_checkpointing,
-                zero_grad_before_backward=spec.zero_grad_before_backward,
-                on_untraceable="bound",
-                quantization=spec.quantization,
-                accumulate_grad_batches=min(config.accumulate_grad_batches, TRACED_MICRO_BATCHES),
-                optimizer_offload=config.optimizer_offload,
-                **_distributed(spec),
-            )
-        return cache[config]
-
-    return evaluate
+    """The planner's estimate function for one GPU model (memoised per configuration, traces shared)."""
+    return estimator(
+        model,
+        spec.batch,
+        optimizers={spec.training.optimizer: {"optimizer": spec.optimizer, "optimizer_kwargs": spec.optimizer_kwargs}},
+        gradient_checkpointing=spec.gradient_checkpointing,
+        loss_fn=spec.loss_fn,
+        device="cuda",
+        gpu=gpu,
+        zero_grad_before_backward=spec.zero_grad_before_backward,
+        on_untraceable="bound",
+        quantization=spec.quantization,
+        **_distributed(spec),
+    )
 
 
 def _distributed(spec: CheckSpec) -> dict[str, Any]:

@@ -83,6 +83,14 @@ class DeviceModel:
     def notes(self) -> list[str]:
         return []
 
+    def state(self) -> Any:
+        """What tracing taught this model that later operators depend on, for a replayed trace to restore
+        (see trace.TraceCache)."""
+        return None
+
+    def restore(self, state: Any) -> None:
+        """Take back a :meth:`state` captured after the same program segment in another trace."""
+
 
 # ---------------------------------------------------------------------------------------------------------
 # CPU: probe the real kernels of this machine
@@ -226,6 +234,12 @@ class CPUDevice(DeviceModel):
     def notes(self) -> list[str]:
         return list(dict.fromkeys(self._notes))
 
+    def state(self) -> Any:
+        return list(self._notes)
+
+    def restore(self, state: Any) -> None:
+        self._notes.extend(state)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # CUDA: allocator rounding, library workspaces, and the kernels CUDA runs instead of the CPU's
@@ -353,6 +367,12 @@ class CUDADevice(DeviceModel):
 
     def context_bytes(self) -> int:
         return self.context
+
+    def state(self) -> Any:
+        return frozenset(self._workspaces)
+
+    def restore(self, state: Any) -> None:
+        self._workspaces |= state
 
     def round_up(self, nbytes: int) -> int:
         return 0 if nbytes == 0 else -(-nbytes // CUDA_BLOCK) * CUDA_BLOCK

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from memguard import checkpointing
 from memguard.categories import ALLOCATED_CATEGORIES, Category
@@ -21,7 +22,7 @@ from memguard.errors import InvalidArgumentError, TraceError
 from memguard.optimizers import ShapeOnlyOptimizer, adam_like_bound, make_factory
 from memguard.precision import Precision
 from memguard.quantization import QuantScheme, quantize_linears, replace_bnb_layers
-from memguard.trace import StepProgram, Trace, default_loss_fn, trace_training
+from memguard.trace import StepProgram, Trace, TraceCache, default_loss_fn, trace_training
 
 TIMELINE_POINTS = 400
 """How many points the timeline keeps: enough for a plot, small enough to ship in JSON."""
@@ -109,6 +110,7 @@ def estimate(
     strategy: Any = None,
     world_size: int = 1,
     num_nodes: int = 1,
+    trace_cache: TraceCache | None = None,
 ) -> Estimate:
     """Predict the peak memory of training ``model`` on ``batch``.
 
@@ -134,6 +136,9 @@ def estimate(
     (:mod:`memguard.distributed`); ``peak_bytes`` is the largest, ``per_rank`` lists them all.
     ``on_untraceable="bound"``: when only the optimizer cannot be traced, return a conservative bound
     (Adam-sized state, foreach-sized step scratch) marked ``approximate`` instead of raising.
+    ``trace_cache``: a :class:`memguard.trace.TraceCache` shared by estimates of the same ``model``; those
+    that differ only in ``optimizer``, ``optimizer_kwargs`` or ``optimizer_offload`` replay the model's
+    forward and backward from the first instead of tracing them again (the planner's optimizer candidates).
     """
     if on_untraceable not in ("raise", "bound"):
         raise InvalidArgumentError(f"on_untraceable must be 'raise' or 'bound', got {on_untraceable!r}")
@@ -191,9 +196,15 @@ def estimate(
             checkpointing.disable(twin)
 
     approximate = False
+    reuse: dict[str, Any] = {}
+    if trace_cache is not None:
+        key = (id(model), _batch_key(batch), str(prec), gradient_checkpointing, quantization, _device_key(dev),
+               loss_fn, prepare_model, zero_grad_before_backward, min(accumulate_grad_batches, 2),
+               tuple(id(obj) for obj in shared))
+        reuse["reuse"] = trace_cache.slot(key)
     try:
         trace = trace_training(model, batch, factory, program, param_dtype=prec.param_dtype, prepare=prepare,
-                               device=dev, shared=shared)
+                               device=dev, shared=shared, **reuse)
     except TraceError as exc:
         in_optimizer = (exc.phase or "").endswith(("optimizer", "optimizer.init"))
         if on_untraceable != "bound" or not in_optimizer:
@@ -203,7 +214,7 @@ def estimate(
         approximate = True
         dev = device_model(device, gpu).fresh()
         trace = trace_training(model, batch, adam_like_bound, program, param_dtype=prec.param_dtype,
-                               prepare=prepare, device=dev, shared=shared)
+                               prepare=prepare, device=dev, shared=shared, **reuse)
     result = summarize(trace, dev)
     result.approximate = approximate
     if trace.unified_bytes:
@@ -216,6 +227,20 @@ def estimate(
     result.notes = notes + trace.notes + dev.notes()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _batch_key(batch: Any) -> tuple:
+    """What of a batch shapes the traced program: its structure and each tensor's shape, strides and dtype
+    (values never matter to a fake trace; other leaves might, so they are compared by value)."""
+    leaves, spec = tree_flatten(batch)
+    return (str(spec), tuple(
+        (tuple(x.shape), tuple(x.stride()), x.dtype) if isinstance(x, torch.Tensor) else (type(x).__name__, repr(x))
+        for x in leaves
+    ))
+
+
+def _device_key(dev: DeviceModel) -> tuple:
+    return (type(dev).__name__, dev.name, getattr(dev, "attention", None), getattr(dev, "compute_capability", None))
 
 
 def host_offloaded(params: list[nn.Parameter]) -> ShapeOnlyOptimizer:

@@ -26,7 +26,7 @@ so a plan never relies on a scaled guess.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -157,7 +157,7 @@ def plan(
 
     quick = getattr(evaluate, "quick", None)
     best_miss: tuple[int, TrainingConfig, list[Change]] | None = None
-    best_guess: tuple[int, TrainingConfig, list[Change]] | None = None
+    skipped: list[tuple[int, int, TrainingConfig, list[Change]]] = []
     candidates = _candidates(base, knobs, bf16_supported, allow_bf16_true, set(optimizers_available))
     evaluations = 0
     for config, changes in candidates:
@@ -168,8 +168,7 @@ def plan(
             # a what-if that misses by more than its own slack is skipped without tracing; a candidate that
             # may fit is always traced in full before the plan says "fits"
             if guess is not None and int(guess * (1.0 + margin)) > capacity_bytes * (1.0 + QUICK_SLACK):
-                if best_guess is None or guess < best_guess[0]:
-                    best_guess = (guess, config, changes)
+                skipped.append((int(guess * (1.0 + margin)), len(skipped), config, changes))
                 continue
         evaluations += 1
         est = estimate_of(config)
@@ -180,9 +179,12 @@ def plan(
         if best_miss is None or need < best_miss[0]:
             best_miss = (need, config, changes)
     assert best_miss is not None  # the base configuration is always the first candidate
-    if best_guess is not None and int(best_guess[0] * (1.0 + margin)) < best_miss[0]:
-        # the closest miss is reported from its own full estimate, not from a what-if
-        _, config, changes = best_guess
+    # The closest miss comes from full estimates. What-ifs err low, so a skipped candidate whose what-if is
+    # already above the closest traced miss cannot be closer; the others are traced, most promising first.
+    for guess, _, config, changes in sorted(skipped, key=lambda item: item[:2]):
+        if guess >= best_miss[0] or evaluations >= max_evaluations:
+            break
+        evaluations += 1
         need = required_bytes(estimate_of(config), margin)
         tried.append((config, need))
         if need < best_miss[0]:
@@ -302,64 +304,113 @@ def batch_size_of(batch: Any) -> int:
     return max(sizes) if sizes else 1
 
 
-def estimator(model: torch.nn.Module, batch: Any, **fixed: Any) -> Evaluate:
-    """An :data:`Evaluate` over ``estimate()``: each configuration is traced on its own (micro-batches are
-    sliced from ``batch``); ``fixed`` passes the settings the planner does not change (device, loss_fn,
-    quantization, step order...)."""
+def estimator(
+    model: torch.nn.Module,
+    batch: Any,
+    *,
+    optimizers: Mapping[str, Mapping[str, Any]] | None = None,
+    gradient_checkpointing: bool | None = None,
+    **fixed: Any,
+) -> Evaluate:
+    """An :data:`Evaluate` over ``estimate()``, memoised per configuration: each configuration gets its own
+    estimate (micro-batches are sliced from ``batch``); ``fixed`` passes the settings the planner does not
+    change (device, loss_fn, quantization, step order...).
+
+    ``optimizers`` maps a configuration's optimizer name to the estimate() arguments that stand for it
+    (the user's own optimizer factory and kwargs under the name the configuration uses); other names are
+    catalog names. ``gradient_checkpointing`` is what a configuration without checkpointing passes (None:
+    keep what the model does).
+
+    Speed: the estimates share one :class:`~memguard.trace.TraceCache`, so configurations that differ only
+    in the optimizer or its offload replay the model's forward and backward instead of tracing them, and
+    ``evaluate.quick`` (:func:`optimizer_what_if`) lets the planner skip hopeless candidates untraced.
+    """
+    from memguard.trace import TraceCache
+
+    overrides = dict(optimizers or {})
+    traces = TraceCache()
+    memo: dict[TrainingConfig, Estimate] = {}
 
     def evaluate(config: TrainingConfig) -> Estimate:
-        return estimate(
-            model,
-            slice_batch(batch, config.micro_batch_size),
-            optimizer=config.optimizer,
-            precision=config.precision,
-            gradient_checkpointing=True if config.gradient_checkpointing else None,
-            accumulate_grad_batches=config.accumulate_grad_batches,
-            optimizer_offload=config.optimizer_offload,
-            **fixed,
-        )
+        if config not in memo:
+            optimizer = dict(overrides.get(config.optimizer) or {"optimizer": config.optimizer})
+            memo[config] = estimate(
+                model,
+                slice_batch(batch, config.micro_batch_size),
+                **optimizer,
+                precision=config.precision,
+                gradient_checkpointing=True if config.gradient_checkpointing else gradient_checkpointing,
+                accumulate_grad_batches=config.accumulate_grad_batches,
+                optimizer_offload=config.optimizer_offload,
+                trace_cache=traces,
+                **fixed,
+            )
+        return memo[config]
 
-    evaluate.quick = optimizer_what_if(model, str(fixed.get("device", "cuda")))  # type: ignore[attr-defined]
+    device = str(fixed.get("device", "cuda"))
+    evaluate.quick = optimizer_what_if(model, "cpu" if device == "cpu" else "cuda")  # type: ignore[attr-defined]
     return evaluate
 
 
 def optimizer_what_if(model: torch.nn.Module, device: str) -> Callable[[TrainingConfig, dict], int | None]:
-    """A quick estimate for a configuration that differs from an already traced one only in its optimizer:
-    each phase's peak with the old optimizer's state and step scratch swapped for the new one's (from the
-    optimizer catalog). Lets the planner skip optimizer candidates that cannot fit without tracing them."""
+    """A quick lower estimate for a configuration from an already traced one of the same precision and
+    checkpointing that differs in its optimizer, its offload, or a smaller micro-batch: each phase's peak
+    with the old optimizer's state and step scratch swapped for the new one's (from the optimizer catalog;
+    none on the device when offloaded) and the batch-sized categories (activations, temporaries, inputs)
+    scaled down with the micro-batch. Those parts are affine in the batch size with a non-negative fixed
+    part, so scaling them down errs low. Lets the planner skip candidates that cannot fit without tracing
+    them; it never accepts one."""
     from memguard.categories import Category
     from memguard.device import CUDA_BLOCK
-    from memguard.optimizers import CATALOG, state_bytes, step_transient_bytes
+    from memguard.optimizers import CATALOG, state_bytes, step_transient_bytes, unified_state_bytes
     from memguard.precision import Precision
 
     target = "cpu" if device == "cpu" else "cuda"
     impl = "for-loop" if target == "cpu" else "foreach"
     rnd = None if target == "cpu" else (lambda n: -(-n // CUDA_BLOCK) * CUDA_BLOCK if n else 0)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    scaled = (Category.ACTIVATIONS, Category.TEMPORARIES, Category.INPUTS)
 
     def specs(precision: str) -> list:
         dtype = Precision.parse(precision).param_dtype
         return [(tuple(p.shape), dtype if dtype is not None and p.is_floating_point() else p.dtype) for p in trainable]
 
+    def device_side(config: TrainingConfig) -> tuple[int, int, int]:
+        """(state, step scratch, unified bytes) of the configuration's optimizer on the device."""
+        if config.optimizer_offload:
+            return 0, 0, 0
+        shapes = specs(config.precision)
+        return (state_bytes(config.optimizer, shapes, impl, device=target, round_up=rnd),
+                step_transient_bytes(config.optimizer, shapes, impl, device=target, round_up=rnd),
+                unified_state_bytes(config.optimizer, shapes, impl, device=target) if target == "cuda" else 0)
+
+    def comparable(config: TrainingConfig, other: TrainingConfig) -> bool:
+        return (other.precision == config.precision
+                and other.gradient_checkpointing == config.gradient_checkpointing
+                and config.micro_batch_size <= other.micro_batch_size
+                and other.optimizer in CATALOG and config.optimizer in CATALOG)
+
     def quick(config: TrainingConfig, known: dict) -> int | None:
+        best: int | None = None
         for other, est in known.items():
-            if replace(other, optimizer=config.optimizer) != config or other.optimizer not in CATALOG:
+            if not comparable(config, other) or other == config:
                 continue
-            if config.optimizer not in CATALOG or config.optimizer_offload:
-                return None
-            shapes = specs(config.precision)
-            old_state = state_bytes(other.optimizer, shapes, impl, device=target, round_up=rnd)
-            new_state = state_bytes(config.optimizer, shapes, impl, device=target, round_up=rnd)
-            old_step = step_transient_bytes(other.optimizer, shapes, impl, device=target, round_up=rnd)
-            new_step = step_transient_bytes(config.optimizer, shapes, impl, device=target, round_up=rnd)
+            old_state, old_step, _ = device_side(other)
+            new_state, new_step, new_unified = device_side(config)
+            ratio = config.micro_batch_size / other.micro_batch_size
             peak = 0
             for phase, total in est.phase_peaks.items():
-                has_state = est.phase_breakdowns[phase].get(Category.OPTIMIZER_STATE, 0) > 0
-                value = total - (old_state - new_state if has_state else 0)
+                parts = est.phase_breakdowns[phase]
+                value = total
+                if parts.get(Category.OPTIMIZER_STATE, 0) > 0:
+                    value -= old_state - new_state
                 if phase.endswith("optimizer"):
                     value += new_step - old_step
+                value -= int(sum(parts.get(c, 0) for c in scaled) * (1.0 - ratio))
                 peak = max(peak, value)
-            return peak + (est.device_bytes - est.peak_bytes)
-        return None
+            overhead = est.device_bytes - est.peak_bytes - est.unified_bytes
+            guess = peak + overhead + new_unified
+            best = guess if best is None else max(best, guess)
+        return best
 
     return quick

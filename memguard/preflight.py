@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from memguard import checkpointing
-from memguard.estimate import Estimate, estimate
 from memguard.guard import (
     Decision,
     OutOfMemoryPredicted,
@@ -24,7 +23,7 @@ from memguard.guard import (
     parse_bytes,
 )
 from memguard.optimizers import CATALOG
-from memguard.plan import DEFAULT_MARGIN, TrainingConfig, batch_size_of, optimizer_what_if, slice_batch
+from memguard.plan import DEFAULT_MARGIN, TrainingConfig, batch_size_of, estimator
 from memguard.precision import Precision
 
 
@@ -67,14 +66,8 @@ def preflight(
     if target.type == "cuda" and capacity.gpu is not None:
         fixed["gpu"] = capacity.gpu
 
-    def evaluate(cfg: TrainingConfig) -> Estimate:
-        return estimate(model, slice_batch(batch, cfg.micro_batch_size),
-                        optimizer=factory if cfg.optimizer == name else cfg.optimizer, precision=cfg.precision,
-                        gradient_checkpointing=True if cfg.gradient_checkpointing else gradient_checkpointing,
-                        accumulate_grad_batches=cfg.accumulate_grad_batches,
-                        optimizer_offload=cfg.optimizer_offload, **fixed)
-
-    evaluate.quick = optimizer_what_if(model, "cuda" if target.type == "cuda" else "cpu")  # type: ignore[attr-defined]
+    evaluate = estimator(model, batch, optimizers={name: {"optimizer": factory}},
+                         gradient_checkpointing=gradient_checkpointing, **fixed)
     knobs = tuple(k for k in (allow if allow is not None else ("precision", "optimizer", "micro_batch",
                                                                  "checkpointing"))
                   if k != "checkpointing" or checkpointing.available(model))

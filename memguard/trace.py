@@ -173,13 +173,22 @@ class _Recorder:
         """An allocation a library keeps until the process ends (never freed in the trace)."""
         self.kept.add(self._new(int(nbytes), category))
 
-    def replay(self, events: list[int], remap: dict[int, int]) -> None:
+    def replay(
+        self,
+        events: list[int],
+        remap: dict[int, int],
+        sizes: Any = None,
+        categories: Any = None,
+    ) -> None:
         """Append ``events`` again with fresh ids for the allocations they make (``remap`` is filled
-        with old id -> new id), so a repeated, identical program segment costs no second trace."""
+        with old id -> new id), so a repeated, identical program segment costs no second trace.
+        ``sizes`` / ``categories`` map the old ids when the events come from another trace."""
+        sizes = self.trace.sizes if sizes is None else sizes
+        categories = self.trace.categories if categories is None else categories
         for ev in events:
             if ev > 0:
                 old = ev - 1
-                remap[old] = self._new(self.trace.sizes[old], self.trace.categories[old])
+                remap[old] = self._new(sizes[old], categories[old])
             else:
                 new = remap[-ev - 1]
                 self._live.discard(new)
@@ -415,6 +424,7 @@ def run_steps(
     program: StepProgram,
     recorder: _Recorder,
     mode: _RecordingMode,
+    reuse: _Slot | None = None,
 ) -> None:
     """Run ``program.steps`` training steps on an already-fake model, recording as it goes.
 
@@ -422,7 +432,9 @@ def run_steps(
     shapes, same frees); only what was alive before differs (optimizer state, old gradients). So when the
     first step left nothing behind but gradients, later forwards and backwards are replayed from its
     events instead of traced again, which halves the time for large models. The optimizer step is always
-    traced, because step 1 creates the state lazily and step 2 does not.
+    traced, because step 1 creates the state lazily and step 2 does not. With ``reuse``, step 1's forward
+    and backward are replayed from another trace's recording when it holds one, and recorded into it
+    otherwise (see :class:`TraceCache`).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     shadows = _Shadows(params, recorder) if make_optimizer is not None and params else None
@@ -438,11 +450,16 @@ def run_steps(
         for micro in range(min(program.accumulate, 2)):
             label = f"step{step}" if program.accumulate == 1 else f"step{step}.micro{micro + 1}"
             zero_first = program.zero_grad_before_backward and micro == 0
-            if first is not None and first.replayable and program.accumulate == 1:
+            recorded = reuse.recording if reuse is not None and program.accumulate == 1 else None
+            if first is None and recorded is not None:
+                first = _replay_recording(recorded, label, params, optimizer, zero_first, recorder, mode)
+            elif first is not None and first.replayable and program.accumulate == 1:
                 _replay_forward_backward(first, label, params, optimizer, zero_first, recorder, mode)
             else:
                 record = _trace_forward_backward(model, batch, label, params, optimizer, program, zero_first,
                                                  recorder, mode)
+                if first is None and reuse is not None and program.accumulate == 1 and record.replayable:
+                    reuse.recording = _recording(record, params, recorder, mode.device)
                 first = first or record
         if optimizer is not None:
             shadows.take_grads()
@@ -501,6 +518,52 @@ class _StepRecord:
     backward: list[int]
     grads: list[tuple[nn.Parameter, int, tuple, tuple, torch.dtype]]
     replayable: bool
+    raw_forward: list[int] = field(default_factory=list)
+    """The forward's events including allocations made once per process (kept), for :class:`Recording`."""
+    raw_backward: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Recording:
+    """Step 1's forward and backward of one trace, replayable as step 1 of another trace of the same
+    model, batch, precision and preparation: what the planner needs when only the optimizer changes.
+
+    Allocation ids are the recording trace's; ``sizes`` and ``categories`` describe them. ``grads`` names
+    each surviving gradient by its parameter's index among the trainable parameters, because the next
+    trace runs on a new fake twin. ``device_state`` is what the device model learned meanwhile (cuBLAS
+    handles created, notes), restored so the rest of the trace sees the same device.
+    """
+
+    forward: list[int]
+    backward: list[int]
+    sizes: dict[int, int]
+    categories: dict[int, Category]
+    kept: set[int]
+    grads: list[tuple[int, int, tuple, tuple, torch.dtype]]
+    device_state: Any
+
+
+class TraceCache:
+    """Recordings of step 1's forward and backward, keyed by everything that shapes them.
+
+    One cache serves one model: estimates made with it that differ only in the optimizer (or in its
+    offload) trace the optimizer and replay the model's forward and backward, which is most of a trace.
+    A recording is kept only when replaying it is exact (see ``_trace_forward_backward``).
+    """
+
+    def __init__(self) -> None:
+        self._slots: dict[Any, _Slot] = {}
+
+    def slot(self, key: Any) -> _Slot:
+        return self._slots.setdefault(key, _Slot())
+
+    def __len__(self) -> int:
+        return sum(1 for s in self._slots.values() if s.recording is not None)
+
+
+@dataclass
+class _Slot:
+    recording: Recording | None = None
 
 
 def _trace_forward_backward(model, batch, label, params, optimizer, program, zero_first, recorder, mode) -> _StepRecord:  # noqa: ANN001
@@ -530,6 +593,7 @@ def _trace_forward_backward(model, batch, label, params, optimizer, program, zer
                 grads.append((p, aid, tuple(p.grad.shape), tuple(p.grad.stride()), p.grad.dtype))
         backward = events[b0:]
     kept = recorder.kept
+    raw_forward, raw_backward = list(forward), list(backward)
     forward = [ev for ev in forward if abs(ev) - 1 not in kept]
     backward = [ev for ev in backward if abs(ev) - 1 not in kept]
     # Replaying is exact only if every free in the segment frees something the segment allocated and
@@ -548,7 +612,7 @@ def _trace_forward_backward(model, batch, label, params, optimizer, program, zer
         and survivors == set(grad_aids)
         and exact_sizes
     )
-    return _StepRecord(forward, backward, grads, replayable)
+    return _StepRecord(forward, backward, grads, replayable, raw_forward, raw_backward)
 
 
 def _replay_forward_backward(first, label, params, optimizer, zero_first, recorder, mode) -> None:  # noqa: ANN001
@@ -565,6 +629,50 @@ def _replay_forward_backward(first, label, params, optimizer, zero_first, record
                 grad = torch.empty_strided(shape, stride, dtype=dtype, device="cpu")
                 recorder.bind(grad.untyped_storage(), remap[aid])
                 p.grad = grad
+
+
+def _recording(record: _StepRecord, params: list[nn.Parameter], recorder: _Recorder, device: DeviceModel) -> Recording:
+    index = {id(p): i for i, p in enumerate(params)}
+    aids = {abs(ev) - 1 for ev in record.raw_forward + record.raw_backward}
+    return Recording(
+        forward=list(record.raw_forward),
+        backward=list(record.raw_backward),
+        sizes={aid: recorder.trace.sizes[aid] for aid in aids},
+        categories={aid: recorder.trace.categories[aid] for aid in aids},
+        kept=aids & recorder.kept,
+        grads=[(index[id(p)], aid, shape, stride, dtype) for p, aid, shape, stride, dtype in record.grads],
+        device_state=device.state(),
+    )
+
+
+def _replay_recording(rec: Recording, label, params, optimizer, zero_first, recorder, mode) -> _StepRecord:
+    """Step 1's forward and backward from another trace's recording; returns the step's record in this
+    trace's ids, so later steps replay it as usual."""
+    remap: dict[int, int] = {}
+    events = recorder.trace.events
+    with _phase(recorder, mode, f"{label}.forward"):
+        f0 = len(events)
+        recorder.replay(rec.forward, remap, rec.sizes, rec.categories)
+        forward = events[f0:]
+    if zero_first and optimizer is not None:
+        with _phase(recorder, mode, f"{label}.zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
+    grads = []
+    with _phase(recorder, mode, f"{label}.backward"):
+        b0 = len(events)
+        recorder.replay(rec.backward, remap, rec.sizes, rec.categories)
+        backward = events[b0:]
+        with recorder.paused():
+            for i, aid, shape, stride, dtype in rec.grads:
+                grad = torch.empty_strided(shape, stride, dtype=dtype, device="cpu")
+                recorder.bind(grad.untyped_storage(), remap[aid])
+                params[i].grad = grad
+                grads.append((params[i], remap[aid], shape, stride, dtype))
+    kept = {remap[aid] for aid in rec.kept}
+    recorder.kept |= kept
+    mode.device.restore(rec.device_state)
+    return _StepRecord([ev for ev in forward if abs(ev) - 1 not in kept],
+                       [ev for ev in backward if abs(ev) - 1 not in kept], grads, True)
 
 
 def _tag_optimizer_state(recorder: _Recorder, optimizer: Any, mode: _RecordingMode) -> None:
@@ -607,11 +715,14 @@ def trace_training(
     prepare: Callable[[nn.Module], None] | None = None,
     device: DeviceModel | None = None,
     shared: tuple = (),
+    reuse: _Slot | None = None,
 ) -> Trace:
     """Trace ``program`` on a fake twin of ``model``; the user's model and batch are left untouched.
 
     ``prepare`` runs on the twin before tracing (enable checkpointing, train mode...). ``device`` adds
-    the target's hidden kernel memory per operator and swaps in its kernels (see device.py).
+    the target's hidden kernel memory per operator and swaps in its kernels (see device.py). ``reuse``
+    (a :meth:`TraceCache.slot`) replays step 1's forward and backward from an earlier trace of the same
+    model, batch, precision and preparation, or records them for the next one.
     """
     device = device or DeviceModel()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
@@ -638,7 +749,7 @@ def trace_training(
     mode = _RecordingMode(recorder, device)
     rng_states = _counted_rng_states(recorder) if device.host_is_device else contextlib.nullcontext()
     with fake_mode, mode, device.kernel_mode(), rng_states:
-        run_steps(twin, fbatch, make_optimizer, program, recorder, mode)
+        run_steps(twin, fbatch, make_optimizer, program, recorder, mode, reuse)
     trace = recorder.finish()
     del twin, fbatch
     return trace

@@ -208,3 +208,56 @@ def test_untraceable_optimizer_raises_or_gives_an_approximate_bound() -> None:
     assert bound.approximate and not adamw.approximate
     assert any("approximate" in n for n in bound.notes)
     assert bound.peak_bytes >= adamw.peak_bytes * 0.98
+
+
+class _Counted(nn.Module):
+    """A decoder whose forward counts its calls (the fake twin shares the class-level counter)."""
+
+    calls = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Decoder()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        type(self).calls += 1
+        return self.inner(ids)
+
+
+_SAME_FIELDS = ("peak_bytes", "reserved_bytes", "device_bytes", "breakdown", "phase_peaks", "phase_breakdowns",
+                "peak_phase", "unified_bytes", "notes")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_trace_cache_replays_the_forward_and_backward_exactly(device: str, precision: str) -> None:
+    """Estimates that differ only in the optimizer reuse one trace of the model, with the same answer."""
+    from memguard.trace import TraceCache
+
+    torch.manual_seed(0)
+    model, batch = _Counted(), _ids(2, 32)
+    cache = TraceCache()
+    runs = [("adamw", False), ("sgd", False), ("adafactor", False), ("adamw", True)]
+    for i, (optimizer, offload) in enumerate(runs):
+        kwargs = dict(optimizer=optimizer, optimizer_offload=offload, precision=precision, device=device,
+                      zero_grad_before_backward=True)
+        plain = memguard.estimate(model, batch, **kwargs)
+        _Counted.calls = 0
+        cached = memguard.estimate(model, batch, trace_cache=cache, **kwargs)
+        assert _Counted.calls == (1 if i == 0 else 0), optimizer  # traced once, then replayed
+        for name in _SAME_FIELDS:
+            assert getattr(cached, name) == getattr(plain, name), (optimizer, offload, name)
+    assert len(cache) == 1
+
+
+def test_trace_cache_traces_again_when_the_model_program_changes() -> None:
+    from memguard.trace import TraceCache
+
+    torch.manual_seed(0)
+    model, cache = _Counted(), TraceCache()
+    for precision, batch in [("32-true", _ids(2, 32)), ("bf16-mixed", _ids(2, 32)), ("32-true", _ids(1, 32))]:
+        _Counted.calls = 0
+        est = memguard.estimate(model, batch, precision=precision, device="cpu", trace_cache=cache)
+        assert _Counted.calls == 1
+        assert est.peak_bytes == memguard.estimate(model, batch, precision=precision, device="cpu").peak_bytes
+    assert len(cache) == 3
