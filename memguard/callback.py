@@ -204,7 +204,7 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         evaluate = estimator(model, batch, optimizers={optimizer_name: {"optimizer": optimizer_factory}}, **fixed)
         allow = self._allowed_knobs(trainer, pl_module, device, optimizer_name)
         return decide(config, evaluate, capacity, policy=self.policy, margin=self.margin, allow=allow,
-                      allow_bf16_true=self.allow_bf16_true, optimizers_available=optimizers_available(),
+                      allow_bf16_true=self.allow_bf16_true, optimizers_available=optimizers_available,
                       device_type=device.type)
 
     def _current_config(self, trainer: Any, pl_module: Any, batch: Any) -> TrainingConfig:

@@ -207,11 +207,12 @@ def decide(
     margin: float = DEFAULT_MARGIN,
     allow: Iterable[str] | None = None,
     allow_bf16_true: bool = False,
-    optimizers_available: Iterable[str] | None = None,
+    optimizers_available: Iterable[str] | Callable[[], Iterable[str]] | None = None,
     device_type: str = "cuda",
 ) -> Decision:
     """Estimate ``config``; if it does not fit, search for the cheapest plan that does (all policies plan,
-    so abort and warn can say what would have fit)."""
+    so abort and warn can say what would have fit). ``optimizers_available`` may be a function, asked only
+    when a plan is searched: finding out means importing bitsandbytes and torchao, about a second."""
     check_policy(policy)
     base = evaluate(config)
     fits = required_bytes(base, margin) <= capacity.bytes
@@ -219,7 +220,8 @@ def decide(
     if not fits:
         kwargs: dict[str, Any] = {}
         if optimizers_available is not None:
-            kwargs["optimizers_available"] = tuple(optimizers_available)
+            found = optimizers_available() if callable(optimizers_available) else optimizers_available
+            kwargs["optimizers_available"] = tuple(found)
         chosen_plan = plan(config, evaluate, capacity.bytes, allow=allow, bf16_supported=capacity.bf16,
                            allow_bf16_true=allow_bf16_true, margin=margin, base_estimate=base, **kwargs)
     return Decision(fits, base, capacity.bytes, config, chosen_plan, policy, margin, capacity.source,

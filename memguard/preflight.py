@@ -72,7 +72,7 @@ def preflight(
                                                                  "checkpointing"))
                   if k != "checkpointing" or checkpointing.available(model))
     decision = decide(config, evaluate, capacity, policy=policy, margin=margin, allow=knobs,
-                      optimizers_available=optimizers_available(), device_type=target.type)
+                      optimizers_available=optimizers_available, device_type=target.type)
     if decision.fits:
         return decision
     message = explain(decision)
