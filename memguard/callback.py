@@ -267,6 +267,8 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
             knobs.remove("micro_batch")
         if "offload" in knobs:
             knobs.remove("offload")  # needs a host-offloading optimizer wrapper this callback does not install
+        if "sharding" in knobs:
+            knobs.remove("sharding")  # the strategy is launched before any callback runs: the CLI proposes it
         if "checkpointing" in knobs and not checkpointing.available(pl_module):
             knobs.remove("checkpointing")
         return tuple(knobs)

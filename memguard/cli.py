@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -197,16 +198,19 @@ def _print_catalog(as_json: bool) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     """``memguard check CONFIG ...``: load, check, print; the exit code is the check's."""
     from memguard import report
-    from memguard.config import Options, load_config, run_check
 
     if args.plot and not args.plot.lower().endswith(report.PLOT_SUFFIXES):
         print(f"memguard: error: --plot {args.plot}: the file must end in .png, .html or .htm", file=sys.stderr)
         return EXIT_INVALID
     with _quiet_libraries(args.debug):
-        options = Options(gpus=tuple(args.gpu), devices=args.devices, num_nodes=args.num_nodes, allow=args.allow,
-                          margin=args.margin, fallback=False if args.no_fallback else None,
-                          batch_size=args.batch_size, seq_len=args.seq_len, image_size=args.image_size)
-        result = run_check(load_config(args.config, args.set, options))
+        with _startup():
+            from memguard.config import Options, load_config, run_check
+
+            options = Options(gpus=tuple(args.gpu), devices=args.devices, num_nodes=args.num_nodes,
+                              allow=args.allow, margin=args.margin, fallback=False if args.no_fallback else None,
+                              batch_size=args.batch_size, seq_len=args.seq_len, image_size=args.image_size)
+            spec = load_config(args.config, args.set, options)
+        result = run_check(spec)
     if args.json:
         print(json.dumps(report.to_json(result), indent=2))
     else:
@@ -215,6 +219,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
         written = report.plot(result, args.plot)
         print(f"memguard: wrote {written}", file=sys.stderr)
     return result.exit_code
+
+
+@contextlib.contextmanager
+def _startup() -> Iterator[None]:
+    """Importing torch and transformers and building the model create millions of long-lived objects and
+    almost no garbage cycles; the cyclic collector's full passes over them take about half a second of a
+    check and free nothing, so it is off until the model exists (the trace runs with it on)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @contextlib.contextmanager

@@ -1306,7 +1306,8 @@ def run_check(spec: CheckSpec, targets: Sequence[Target] | None = None) -> Check
         result = TargetResult(target, est, need, fits, notes=_target_notes(spec, target))
         if not fits and spec.fallback and spec.allow != ():
             result.plan = plan(spec.training, evaluate, target.capacity_bytes, allow=spec.allow,
-                               bf16_supported=target.bf16, margin=spec.margin, base_estimate=est)
+                               bf16_supported=target.bf16, margin=spec.margin, base_estimate=est,
+                               world_size=spec.world_size or 1, strategy=spec.strategy)
         results.append(result)
     params = list(model.parameters())  # tied weights once
     return CheckResult(spec, results, notes, parameters=sum(p.numel() for p in params),

@@ -16,6 +16,10 @@ optimizer            2-4    8-bit AdamW (2) and 4-bit AdamW (3) quantize the mom
 micro_batch          2/x2   each halving of the micro-batch (with doubled accumulation, same effective
                             batch) lowers GPU utilisation
 checkpointing        3      recomputes the forward in backward: about a third more compute
+sharding             3/4    over several GPUs: DeepSpeed ZeRO-2 (3) shards gradients and optimizer state
+                            (reduce-scatter instead of all-reduce, one more all-gather of the weights);
+                            FSDP full sharding (4) also all-gathers every layer's weights in forward and
+                            backward, about 1.5x the communication of DDP
 offload              6      optimizer state on the host: the step waits on PCIe transfers
 ===================  =====  ===========================================================================
 
@@ -36,7 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from memguard.errors import InvalidArgumentError, unknown_name
 from memguard.estimate import Estimate, estimate
 
-KNOBS = ("precision", "optimizer", "micro_batch", "checkpointing", "offload")
+KNOBS = ("precision", "optimizer", "micro_batch", "checkpointing", "sharding", "offload")
 """Every knob the planner can turn, in the default order of preference for equal cost."""
 
 DEFAULT_MARGIN = 0.05
@@ -65,6 +69,8 @@ class TrainingConfig:
     accumulate_grad_batches: int = 1
     gradient_checkpointing: bool = False
     optimizer_offload: bool = False
+    strategy: str | None = None
+    """A Lightning strategy name the planner switched to (sharding); None: the run's own strategy."""
 
     @property
     def effective_batch_size(self) -> int:
@@ -133,12 +139,16 @@ def plan(
     margin: float = DEFAULT_MARGIN,
     max_evaluations: int = 24,
     base_estimate: Estimate | None = None,
+    world_size: int = 1,
+    strategy: str | None = None,
 ) -> Plan:
     """Search the allowed knobs for the cheapest configuration whose own estimate fits ``capacity_bytes``.
 
     ``allow`` restricts and orders the knobs (default: all of :data:`KNOBS`); an empty list means the
     configuration may not change. ``evaluate`` is called at most ``max_evaluations`` times, cheapest
-    candidates first; identical configurations are estimated once.
+    candidates first; identical configurations are estimated once. ``world_size`` and ``strategy`` describe
+    the run's devices: with more than one and a replicating strategy (DDP, or none named) the sharding knob
+    proposes ZeRO-2 and FSDP over the same devices.
     """
     knobs = _knobs(allow)
     if capacity_bytes <= 0:
@@ -158,7 +168,8 @@ def plan(
     quick = getattr(evaluate, "quick", None)
     best_miss: tuple[int, TrainingConfig, list[Change]] | None = None
     skipped: list[tuple[int, int, TrainingConfig, list[Change]]] = []
-    candidates = _candidates(base, knobs, bf16_supported, allow_bf16_true, set(optimizers_available))
+    candidates = _candidates(base, knobs, bf16_supported, allow_bf16_true, set(optimizers_available),
+                             world_size, strategy)
     evaluations = 0
     for config, changes in candidates:
         if evaluations >= max_evaluations:
@@ -204,12 +215,13 @@ def _knobs(allow: Iterable[str] | None) -> tuple[str, ...]:
 
 
 def _candidates(
-    base: TrainingConfig, knobs: tuple[str, ...], bf16: bool, bf16_true: bool, optimizers: set[str]
+    base: TrainingConfig, knobs: tuple[str, ...], bf16: bool, bf16_true: bool, optimizers: set[str],
+    world_size: int = 1, strategy: str | None = None,
 ) -> list[tuple[TrainingConfig, list[Change]]]:
     """Every combination of knob settings, cheapest first (ties: fewer changes, then knob order)."""
     options: list[list[tuple[dict, Change | None]]] = []
     for knob in knobs:
-        levels = [({}, None)] + _levels(knob, base, bf16, bf16_true, optimizers)
+        levels = [({}, None)] + _levels(knob, base, bf16, bf16_true, optimizers, world_size, strategy)
         options.append(levels)
     combos = []
     for picked in itertools.product(*options):
@@ -231,7 +243,21 @@ def _candidates(
     return out
 
 
-def _levels(knob: str, base: TrainingConfig, bf16: bool, bf16_true: bool, optimizers: set[str]) -> list:
+_REPLICATING = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true",
+                "ddp_find_unused_parameters_false", "ddp_spawn_find_unused_parameters_true",
+                "ddp_spawn_find_unused_parameters_false", "dp")
+"""Strategies that keep a full copy of the weights, gradients and optimizer state on every GPU."""
+
+_SHARDING = {
+    "deepspeed_stage_2": (3.0, "DeepSpeed ZeRO-2 shards gradients and optimizer state over the GPUs; "
+                               "reduce-scatter and a weight all-gather per step instead of DDP's all-reduce"),
+    "fsdp": (4.0, "FSDP full sharding also shards the weights and all-gathers each layer in forward and "
+                  "backward: about 1.5x DDP's communication"),
+}
+
+
+def _levels(knob: str, base: TrainingConfig, bf16: bool, bf16_true: bool, optimizers: set[str],
+            world_size: int = 1, strategy: str | None = None) -> list:
     if knob == "precision":
         out = []
         if base.precision == "32-true":
@@ -268,6 +294,12 @@ def _levels(knob: str, base: TrainingConfig, bf16: bool, bf16_true: bool, optimi
         return [({"gradient_checkpointing": True},
                  Change("checkpointing", "off", "on", "activation checkpointing on the repeated blocks", 3.0,
                         "recomputes the forward in backward: about a third more compute"))]
+    if knob == "sharding":
+        current = base.strategy or strategy or "auto"
+        if world_size <= 1 or current not in _REPLICATING:
+            return []
+        return [({"strategy": name}, Change("sharding", current, name, f"Trainer(strategy='{name}')", cost, why))
+                for name, (cost, why) in _SHARDING.items()]
     if knob == "offload":
         if base.optimizer_offload:
             return []
@@ -334,6 +366,7 @@ def estimator(
     def evaluate(config: TrainingConfig) -> Estimate:
         if config not in memo:
             optimizer = dict(overrides.get(config.optimizer) or {"optimizer": config.optimizer})
+            settings = {**fixed, "strategy": config.strategy} if config.strategy is not None else fixed
             memo[config] = estimate(
                 model,
                 slice_batch(batch, config.micro_batch_size),
@@ -343,7 +376,7 @@ def estimator(
                 accumulate_grad_batches=config.accumulate_grad_batches,
                 optimizer_offload=config.optimizer_offload,
                 trace_cache=traces,
-                **fixed,
+                **settings,
             )
         return memo[config]
 
@@ -385,7 +418,7 @@ def optimizer_what_if(model: torch.nn.Module, device: str) -> Callable[[Training
                 unified_state_bytes(config.optimizer, shapes, impl, device=target) if target == "cuda" else 0)
 
     def comparable(config: TrainingConfig, other: TrainingConfig) -> bool:
-        return (other.precision == config.precision
+        return (other.precision == config.precision and other.strategy == config.strategy
                 and other.gradient_checkpointing == config.gradient_checkpointing
                 and config.micro_batch_size <= other.micro_batch_size
                 and other.optimizer in CATALOG and config.optimizer in CATALOG)

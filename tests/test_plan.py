@@ -159,3 +159,36 @@ def test_what_if_errs_low_for_smaller_micro_batches_and_offload(other: TrainingC
     guess = evaluate.quick(other, known)
     full = evaluate(other).device_bytes
     assert guess is not None and 0.6 * full <= guess <= full
+
+
+def test_sharding_knob_switches_a_replicated_run_to_a_sharded_strategy() -> None:
+    """Over several GPUs, a DDP run that does not fit is sharded: the plan is the first sharded strategy, in
+    cost order (ZeRO-2, then FSDP), whose own per-rank estimate fits."""
+    import memguard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(8)])  # 34M parameters
+    batch = torch.randn(8, 2048)
+    evaluate = estimator(model, batch, device="cuda", strategy="ddp", world_size=4)
+    base = TrainingConfig(precision="32-true", optimizer="adamw", micro_batch_size=8)
+    need = {name: required_bytes(memguard.estimate(model, batch, device="cuda", strategy=name, world_size=4), 0.05)
+            for name in ("ddp", "deepspeed_stage_2", "fsdp")}
+    assert min(need["deepspeed_stage_2"], need["fsdp"]) < need["ddp"]
+    capacity = (min(need["deepspeed_stage_2"], need["fsdp"]) + need["ddp"]) // 2
+    expected = next(name for name in ("deepspeed_stage_2", "fsdp") if need[name] <= capacity)
+    result = plan(base, evaluate, capacity, allow=("sharding",), world_size=4, strategy="ddp")
+    assert result.fits and result.config.strategy == expected
+    assert [c.how for c in result.changes] == [f"Trainer(strategy='{expected}')"]
+    assert result.required_bytes == need[expected]
+    assert not plan(base, evaluate, capacity, allow=("sharding",), world_size=1, strategy="ddp").fits
+    assert not plan(base, evaluate, capacity, allow=("sharding",), world_size=4, strategy="fsdp").fits
+
+
+def test_sharding_is_offered_only_for_replicating_strategies_on_several_devices() -> None:
+    def sharded(world: int, strategy: str | None) -> list:
+        return [c.strategy for c, _ in _candidates(BASE, ("sharding",), True, False, set(), world, strategy)]
+
+    assert sharded(8, "ddp") == [None, "deepspeed_stage_2", "fsdp"]
+    assert sharded(8, None) == [None, "deepspeed_stage_2", "fsdp"]
+    assert sharded(1, "ddp") == [None]
+    assert sharded(8, "fsdp") == sharded(8, "deepspeed_stage_3") == [None]
