@@ -23,10 +23,12 @@ import torch  # noqa: E402
 
 import memguard  # noqa: E402
 from _common import write_table  # noqa: E402
-from test_distributed import BATCH, CASES, MODEL, measured_world, predicted  # noqa: E402
+from test_distributed import BATCH, CASES, MODEL, measured_runs, predicted  # noqa: E402
 from zoo import Decoder, _ids  # noqa: E402
 
 WORLDS = {2: list(CASES), 4: list(CASES)}
+RUNS = 2
+"""Runs of every case on every rank: the table shows the first; the notes say how far the others differ."""
 
 
 def single_process(name: str) -> int:
@@ -38,17 +40,19 @@ def single_process(name: str) -> int:
 
 
 def main() -> None:
-    rows, errors = [], []
+    rows, errors, spreads = [], [], []
     for world, names in WORLDS.items():
         t0 = time.perf_counter()
-        real = measured_world(world, names, timeout=3600)
+        runs = measured_runs(world, names, repeat=RUNS, timeout=3600)
         print(f"{world} ranks measured in {time.perf_counter() - t0:.0f} s", flush=True)
         for name in names:
             t0 = time.perf_counter()
             est = predicted(name, world)
             seconds = time.perf_counter() - t0
             single = single_process(name)
-            for rank, (pred, meas) in enumerate(zip(est.per_rank, real[name])):
+            spreads += [max(peaks) - min(peaks) for peaks in runs[name]]
+            real = [peaks[0] for peaks in runs[name]]
+            for rank, (pred, meas) in enumerate(zip(est.per_rank, real)):
                 err = (pred - meas) / meas
                 errors.append(abs(err))
                 rows.append([name, world, rank, f"{meas:,}", f"{pred:,}", f"{err:+.2%}",
@@ -62,10 +66,12 @@ def main() -> None:
          "estimate s"],
         rows,
         [f"Model: tests/zoo.py Decoder({', '.join(f'{k}={v}' for k, v in MODEL.items())}), batch {BATCH}, AdamW.",
-         "Measured: each rank's torch.profiler CPU allocator events (tests/dist_worker.py), lowest of two runs.",
-         "Gloo frees a reduce-scatter's buffers from its worker thread; with several ranks sharing two cores that "
-         "sometimes happens after the rank's peak, so a measurement can show one to three extra FSDP-unit buffers "
-         "(the negative errors, which change from run to run); memguard models the prompt release.",
+         f"Measured: each rank's torch.profiler CPU allocator events (tests/dist_worker.py), {RUNS} runs per case; "
+         f"largest difference between the runs of one rank: {max(spreads):,} bytes.",
+         "Frees made on gloo's worker threads (the input copy of a reduce-scatter) are counted through c10's "
+         "caffe2_report_cpu_memory_usage flag; without it the profiler's running total keeps such a block for "
+         "the rest of the run, which showed as one to three extra FSDP-unit buffers on a rank, changing from run "
+         "to run (tests/dist_worker.py explains).",
          "FSDP cases wrap each Block (Lightning FSDPStrategy(auto_wrap_policy={Block})); FSDP2 is fully_shard per "
          "block then the root.",
          "Rerun: python benchmarks/distributed_accuracy.py"],

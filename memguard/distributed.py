@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib
 import sys
 import time
 import warnings
@@ -60,6 +59,7 @@ from memguard.trace import (
     _phase,
     _Recorder,
     _RecordingMode,
+    _Shadows,
     _tag_optimizer_state,
     fake_batch,
     fake_model_copy,
@@ -486,49 +486,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return getattr(t, "_local_tensor", t)
 
 
-class _LocalShadows:
-    """Meta stand-ins of the rank's local parameters for the optimizer (as trace._Shadows, at shard size).
-
-    A DTensor parameter's optimizer state is the size of its local shard, and FSDP1 flat parameters are
-    already local; the shadows take the local shapes. Gradients that are views of one flat buffer (FSDP2's
-    reduce-scatter output, FSDP1's flat gradient under ``use_orig_params``) move their single allocation
-    to the first shadow that takes one, so the buffer is freed at ``zero_grad`` as it really is.
-    """
-
-    def __init__(self, params: list[nn.Parameter], recorder: _Recorder) -> None:
-        self.recorder = recorder
-        self.pairs: list[tuple[nn.Parameter, nn.Parameter]] = []
-        with recorder.paused(), unset_fake_temporarily():
-            for p in params:
-                local = _local(p)
-                shadow = nn.Parameter(torch.empty_strided(tuple(local.shape), tuple(local.stride()), dtype=local.dtype,
-                                                          device="meta"))
-                recorder.alias(shadow.untyped_storage(), local)
-                self.pairs.append((p, shadow))
-        self.params = [s for _, s in self.pairs]
-
-    def take_grads(self) -> None:
-        rec = self.recorder
-        with rec.paused(), unset_fake_temporarily():
-            for p, shadow in self.pairs:
-                if p.grad is None:
-                    continue
-                local = _local(p.grad)
-                aid = rec.aid_of(local)
-                grad = torch.empty_strided(tuple(local.shape), tuple(local.stride()), dtype=local.dtype, device="meta")
-                if aid is not None:
-                    rec.unbind(local.untyped_storage())
-                    rec.bind(grad.untyped_storage(), aid)
-                p.grad = None
-                shadow.grad = grad
-
-
 def _run_sharded_steps(model: nn.Module, batch: Any, make_optimizer: Callable | None, program: StepProgram,
                        recorder: _Recorder, mode: _RecordingMode) -> None:
     """The training steps of ``trace.run_steps`` on a wrapped model: every step traced (FSDP frees storages
-    it allocated in earlier phases, so nothing is replayed), the optimizer on local-size shadows."""
+    it allocated in earlier phases, so nothing is replayed), the optimizer on local-size shadows (a DTensor
+    parameter's state is the size of its local shard; FSDP1 flat parameters are already local)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    shadows = _LocalShadows(params, recorder) if make_optimizer is not None and params else None
+    shadows = _Shadows(params, recorder, local=_local) if make_optimizer is not None and params else None
     optimizer = None
     if shadows is not None:
         with _phase(recorder, mode, "optimizer.init"), unset_fake_temporarily(), mode.optimizer_running():
@@ -1193,28 +1157,12 @@ def optimizer_cost(make_optimizer: Callable | None, numel: int) -> tuple[float, 
 # The entry point
 
 
-@contextlib.contextmanager
-def _tracing_with(tracer: Callable[..., Trace]) -> Iterator[None]:
-    """Run :func:`memguard.estimate.estimate` with ``tracer`` standing in for ``trace_training``.
-
-    estimate() turns the user's arguments into an optimizer factory, a step program, the model preparation
-    (quantization, checkpointing) and a device model exactly as for one process; a distributed estimate
-    needs all of that and changes only how the step is traced, so it swaps the tracer for one call.
-    """
-    estimate_module = importlib.import_module("memguard.estimate")  # the package re-exports the function
-    saved = estimate_module.trace_training
-    estimate_module.trace_training = tracer
-    try:
-        yield
-    finally:
-        estimate_module.trace_training = saved
-
-
 def _one_rank(model: nn.Module, batch: Any, tracer: Callable[..., Trace], kwargs: dict) -> Estimate:
+    """estimate() with ``tracer`` tracing the step: the user's arguments become the optimizer factory, step
+    program, model preparation and device model exactly as for one process; only the tracing differs."""
     from memguard.estimate import estimate
 
-    with _tracing_with(tracer):
-        return estimate(model, batch, **kwargs)
+    return estimate(model, batch, _tracer=tracer, **kwargs)
 
 
 def _first_step_gradient_bytes(trace: Trace) -> int:
@@ -1333,6 +1281,9 @@ def _deepspeed(model: nn.Module, batch: Any, spec: Strategy, world_size: int, kw
         # DeepSpeed casts the module to the 16-bit dtype (fp16 / bf16 config) and runs no autocast; its
         # optimizer state exists from initialization, so one step shows every later step.
         single = dataclasses.replace(program, steps=1, autocast_dtype=None, zero_grad_before_backward=False)
+        # A trace cache slot (estimate(trace_cache=...)) is keyed by the user's program; this trace runs
+        # another one (16-bit, no autocast, no optimizer), so it neither reads nor fills the slot.
+        kw.pop("reuse", None)
         act = trace_training(model_, batch_, None, single, param_dtype=half or param_dtype, **kw)
         total = sum(p.numel() for p in _unique_trainable(model_))
         per_elem, scratch = optimizer_cost(make_optimizer, -(-total // world_size))

@@ -111,6 +111,7 @@ def estimate(
     world_size: int = 1,
     num_nodes: int = 1,
     trace_cache: TraceCache | None = None,
+    _tracer: Callable[..., Trace] | None = None,
 ) -> Estimate:
     """Predict the peak memory of training ``model`` on ``batch``.
 
@@ -139,6 +140,9 @@ def estimate(
     ``trace_cache``: a :class:`memguard.trace.TraceCache` shared by estimates of the same ``model``; those
     that differ only in ``optimizer``, ``optimizer_kwargs`` or ``optimizer_offload`` replay the model's
     forward and backward from the first instead of tracing them again (the planner's optimizer candidates).
+    ``_tracer`` (private, for :mod:`memguard.distributed`): called instead of
+    :func:`memguard.trace.trace_training`, with its arguments, to trace the step another way (one rank of a
+    sharded run); everything else is as for one process.
     """
     if on_untraceable not in ("raise", "bound"):
         raise InvalidArgumentError(f"on_untraceable must be 'raise' or 'bound', got {on_untraceable!r}")
@@ -202,9 +206,10 @@ def estimate(
                loss_fn, prepare_model, zero_grad_before_backward, min(accumulate_grad_batches, 2),
                tuple(id(obj) for obj in shared))
         reuse["reuse"] = trace_cache.slot(key)
+    tracer = _tracer or trace_training
     try:
-        trace = trace_training(model, batch, factory, program, param_dtype=prec.param_dtype, prepare=prepare,
-                               device=dev, shared=shared, **reuse)
+        trace = tracer(model, batch, factory, program, param_dtype=prec.param_dtype, prepare=prepare,
+                       device=dev, shared=shared, **reuse)
     except TraceError as exc:
         in_optimizer = (exc.phase or "").endswith(("optimizer", "optimizer.init"))
         if on_untraceable != "bound" or not in_optimizer:
@@ -213,8 +218,8 @@ def estimate(
                      "state and a foreach-sized step transient")
         approximate = True
         dev = device_model(device, gpu).fresh()
-        trace = trace_training(model, batch, adam_like_bound, program, param_dtype=prec.param_dtype,
-                               prepare=prepare, device=dev, shared=shared, **reuse)
+        trace = tracer(model, batch, adam_like_bound, program, param_dtype=prec.param_dtype,
+                       prepare=prepare, device=dev, shared=shared, **reuse)
     result = summarize(trace, dev)
     result.approximate = approximate
     if trace.unified_bytes:

@@ -474,23 +474,33 @@ def run_steps(
     recorder.phase("end")
 
 
+def _itself(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class _Shadows:
     """Meta-device stand-ins for the trainable parameters, for the optimizer to work on.
 
     The optimizer step needs no autocast and no model code, only shapes, and meta tensors run torch's
     optimizer kernels about twice as fast as fake ones. Each gradient's allocation id moves from the
     fake ``.grad`` to the shadow's ``.grad``, so the free at zero_grad is still recorded where it happens.
+    ``local`` maps a parameter or gradient to the tensor that holds its memory (memguard.distributed passes
+    a DTensor's local shard): the shadows take that tensor's shape. Gradients that are views of one buffer
+    move its single allocation to the first shadow that takes one.
     """
 
-    def __init__(self, params: list[nn.Parameter], recorder: _Recorder) -> None:
+    def __init__(self, params: list[nn.Parameter], recorder: _Recorder,
+                 local: Callable[[torch.Tensor], torch.Tensor] = _itself) -> None:
         self.pairs = []
         self.recorder = recorder
+        self.local = local
         with recorder.paused(), unset_fake_temporarily():
             for p in params:
+                t = local(p)
                 shadow = nn.Parameter(
-                    torch.empty_strided(tuple(p.shape), tuple(p.stride()), dtype=p.dtype, device="meta")
+                    torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="meta")
                 )
-                recorder.alias(shadow.untyped_storage(), p)
+                recorder.alias(shadow.untyped_storage(), t)
                 self.pairs.append((p, shadow))
         self.params = [s for _, s in self.pairs]
 
@@ -500,10 +510,10 @@ class _Shadows:
             for p, shadow in self.pairs:
                 if p.grad is None:
                     continue
-                aid = rec.aid_of(p.grad)
-                grad = torch.empty_strided(tuple(p.grad.shape), tuple(p.grad.stride()), dtype=p.grad.dtype,
-                                           device="meta")
-                rec.unbind(p.grad.untyped_storage())
+                g = self.local(p.grad)
+                aid = rec.aid_of(g)
+                grad = torch.empty_strided(tuple(g.shape), tuple(g.stride()), dtype=g.dtype, device="meta")
+                rec.unbind(g.untyped_storage())
                 p.grad = None
                 if aid is not None:
                     rec.bind(grad.untyped_storage(), aid)

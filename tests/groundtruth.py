@@ -29,8 +29,9 @@ def _storage_bytes(tensors) -> int:
     return total
 
 
-def _allocation_totals(prof) -> list[tuple[int, int]]:
-    """(alloc_size, total_allocated) of every CPU allocator event, from the profiler's raw results."""
+def allocation_events(prof) -> list:
+    """Every CPU allocator event of the profile (the profiler's raw event objects: ``extra_fields`` holds
+    ``alloc_size`` and ``total_allocated``, ``parent`` the operator it happened in), in time order."""
     out = []
     stack = list(prof.kineto_results.experimental_event_tree())
     while stack:
@@ -38,9 +39,14 @@ def _allocation_totals(prof) -> list[tuple[int, int]]:
         stack.extend(ev.children)
         fields = ev.extra_fields
         if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
-            out.append((ev.start_time_ns, fields.alloc_size, fields.total_allocated))
-    out.sort()
-    return [(size, total) for _, size, total in out]
+            out.append(ev)
+    out.sort(key=lambda ev: (ev.start_time_ns, ev.extra_fields.alloc_size, ev.extra_fields.total_allocated))
+    return out
+
+
+def _allocation_totals(prof) -> list[tuple[int, int]]:
+    """(alloc_size, total_allocated) of every CPU allocator event, from the profiler's raw results."""
+    return [(ev.extra_fields.alloc_size, ev.extra_fields.total_allocated) for ev in allocation_events(prof)]
 
 
 def measure_peak(

@@ -93,8 +93,8 @@ CASES: dict[str, tuple[dict, Any, dict]] = {
 }
 # What the tests run for real (all of CASES run in benchmarks/distributed_accuracy.py); DDP does not depend
 # on the number of ranks, so it runs on 2 only.
-WORLDS = {2: ["ddp", "fsdp_full_shard", "fsdp_shard_grad_op_flat", "fsdp_bf16_mixed", "fsdp2"],
-          4: ["fsdp_full_shard", "fsdp2"]}
+WORLDS = {2: ["ddp", "fsdp_full_shard", "fsdp_shard_grad_op_flat", "fsdp_checkpointing", "fsdp_bf16_mixed", "fsdp2"],
+          4: ["fsdp_full_shard", "fsdp_checkpointing", "fsdp2"]}
 CPU = device_model("cpu")  # one device model: kernel measurements are shared by every estimate here
 
 
@@ -137,11 +137,18 @@ def run_ranks(cases: list[dict], world_size: int, timeout: float = 300.0) -> lis
         return [json.loads(Path(tmp, f"rank{rank}.json").read_text()) for rank in range(world_size)]
 
 
-def measured_world(world_size: int, names: list[str], repeat: int = 2, timeout: float = 300.0) -> dict[str, list[int]]:
-    """Each case's measured peak per rank (the lowest of ``repeat`` runs: see dist_worker.run_case)."""
+def measured_runs(world_size: int, names: list[str], repeat: int = 1,
+                  timeout: float = 300.0) -> dict[str, list[list[int]]]:
+    """Each case's measured peaks per rank, one per run (``repeat`` runs: see dist_worker.run_case)."""
     cases = [dict(CASES[name][0], name=name, model=MODEL, batch=BATCH, repeat=repeat) for name in names]
     ranks = run_ranks(cases, world_size, timeout)
-    return {name: [ranks[r][name]["peak"] for r in range(world_size)] for name in names}
+    return {name: [ranks[r][name]["peaks"] for r in range(world_size)] for name in names}
+
+
+def measured_world(world_size: int, names: list[str], repeat: int = 1, timeout: float = 300.0) -> dict[str, list[int]]:
+    """Each case's measured peak per rank (the first run's)."""
+    runs = measured_runs(world_size, names, repeat, timeout)
+    return {name: [peaks[0] for peaks in per_rank] for name, per_rank in runs.items()}
 
 
 def predicted(name: str, world_size: int) -> Any:
@@ -154,9 +161,9 @@ def predicted(name: str, world_size: int) -> Any:
 
 @pytest.fixture(scope="module")
 def measured() -> dict[int, dict[str, list[int]]]:
-    # gloo sometimes frees a buffer from its worker thread after the rank's peak (dist_worker.run_case): the
-    # lowest of several runs is the rank's own peak. Four ranks on two cores cost twice as much per run.
-    return {world: measured_world(world, names, repeat=4 if world <= 2 else 2) for world, names in WORLDS.items()}
+    # One run per case: with every free counted, wherever gloo's threads make it (dist_worker's module
+    # docstring), a rank's measurement repeats to the byte (benchmarks/distributed_accuracy.py checks that).
+    return {world: measured_world(world, names) for world, names in WORLDS.items()}
 
 
 @needs_gloo
@@ -172,6 +179,42 @@ def test_every_rank_within_3_percent(measured: dict, world_size: int, name: str)
         error = (pred - meas) / meas
         assert abs(error) <= TOLERANCE, (
             f"{name}, rank {rank} of {world_size}: predicted {pred:,} vs measured {meas:,} ({error:+.2%})")
+
+
+def test_frees_on_other_threads_are_counted() -> None:
+    """The ground truth of the real runs counts a free made on a thread the profiler does not follow, as
+    gloo's worker threads free the input copy of a reduce-scatter. Without dist_worker's flag the CPU
+    allocator's running total keeps such a block for good (``ProfiledCPUMemoryReporter::Delete`` only
+    updates it on a profiled thread), and the measured peak after it is too high by its size."""
+    code = f"""
+import sys, threading
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import torch
+from torch.autograd.profiler import profile
+if sys.argv[1] == "flag":
+    import dist_worker  # sets the flag on import
+from groundtruth import _allocation_totals
+
+held = []
+with profile(profile_memory=True, use_cpu=True) as prof:
+    held.append(torch.empty(1 << 20, dtype=torch.uint8))
+    thread = threading.Thread(target=held.clear)
+    thread.start()
+    thread.join()
+    after = torch.empty(64, dtype=torch.uint8)
+events = _allocation_totals(prof)
+print(events[-1][1] - (events[0][1] - events[0][0]))
+"""
+    out = {}
+    for mode in ("flag", "plain"):
+        run = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120,
+                             check=False)
+        assert run.returncode == 0, run.stderr[-3000:]
+        out[mode] = int(run.stdout.split()[-1])
+    assert out["flag"] == 64  # only the block still alive when the profile ends
+    # the scenario does exercise the problem: without the flag the freed block stays in the total (if a
+    # torch release counts such frees itself, the flag is no longer needed and this line says so)
+    assert out["plain"] == 64 + (1 << 20), out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -439,6 +482,27 @@ def test_zero_stages_order_and_offload() -> None:
     named = estimate_distributed(model, batch, strategy="deepspeed_stage_2", world_size=8, device="cuda",
                                  precision="bf16-mixed")
     assert named.peak_bytes > 2 * 200_000_000 * 2
+
+
+def test_deepspeed_leaves_a_trace_cache_to_the_users_program() -> None:
+    """A trace cache slot is keyed by the user's program; DeepSpeed's trace runs another one (16-bit weights,
+    no autocast), so it must neither fill the slot nor read from it."""
+    from memguard import estimate
+    from memguard.trace import TraceCache
+
+    model, batch = _small()
+    cache = TraceCache()
+    estimate_distributed(model, batch, strategy="deepspeed_stage_2", world_size=2, device=CPU,
+                         precision="bf16-mixed", trace_cache=cache)
+    assert len(cache) == 0
+    plain = estimate(model, batch, device=CPU, precision="bf16-mixed")
+    assert estimate(model, batch, device=CPU, precision="bf16-mixed", trace_cache=cache).peak_bytes == plain.peak_bytes
+    # DDP's trace is the user's program: it may fill the slot, and what it records replays exactly
+    ddp_cache = TraceCache()
+    estimate_distributed(model, batch, strategy="ddp", world_size=2, device=CPU, precision="bf16-mixed",
+                         trace_cache=ddp_cache)
+    assert estimate(model, batch, device=CPU, precision="bf16-mixed",
+                    trace_cache=ddp_cache).peak_bytes == plain.peak_bytes
 
 
 def test_fsdp2_options_object() -> None:
