@@ -15,15 +15,19 @@ The peers:
   and buffers, then ``max(estimate_training_usage(size, dtype).values())``: 4x the float32 size for
   float32, 2x for float16 / bfloat16 mixed precision). accelerate has no row for half-precision weights
   without fp32 masters, so "bf16-true" / "16-true" use its half-precision row.
-- :func:`deepspeed_zero2` / :func:`deepspeed_zero3`: DeepSpeed's per-GPU model-state estimators for one
-  GPU without offload (``estimate_zero2_model_states_mem_needs`` in
+- :func:`deepspeed_zero2` / :func:`deepspeed_zero3`: DeepSpeed's per-GPU model-state estimators, by default
+  for one GPU without offload (``estimate_zero2_model_states_mem_needs`` in
   ``deepspeed/runtime/zero/stage_1_and_2.py``: 2 P + 18 P / GPUs; ``estimate_zero3_model_states_mem_needs``
   in ``deepspeed/runtime/zero/stage3.py``: 4 x largest layer + 18 P / GPUs), with P and the largest layer
-  from ``model_to_params`` (stage3.py). DeepSpeed's own functions are called when ``deepspeed`` imports;
-  otherwise the same formulas, copied below from DeepSpeed 0.19.8, are used (``deepspeed_source()`` says
-  which).
+  from ``model_to_params`` (stage3.py). The options ``num_gpus`` and ``cpu_offload`` (and, for ZeRO-3,
+  ``cpu_offload_params``) give the per-GPU figure of a multi-GPU or offloaded run instead (ZeRO-2 with
+  offload: 2 P; ZeRO-3 offloading the optimizer: 4 x largest layer + 2 P / GPUs, and the parameters too:
+  4 x largest layer). DeepSpeed's own functions are called when ``deepspeed`` imports; otherwise the same
+  formulas, copied below from DeepSpeed 0.19.8, are used (``deepspeed_source()`` says which).
 - :func:`torchinfo_total`: torchinfo's "Estimated Total Size" (input size + forward/backward pass size +
-  params size) from ``torchinfo.summary(model, input_data=batch)``.
+  params size) from ``torchinfo.summary(model, input_data=batch)``. With the option ``meta_ok=True`` a
+  model and batch on the meta device are summarized there (torchinfo reads only shapes and dtypes, so the
+  sizes are those of the real model); by default a meta model is not applicable.
 - :func:`memtracker_peak`: PyTorch's ``torch.distributed._tools.mem_tracker.MemTracker`` around two real
   training steps of a copy of the model on the CPU; the peak "Total" of its peak snapshot.
 - :func:`rule_of_thumb`: 24 bytes per parameter (fp32 Adam: 4 weights + 4 gradients + 8 moments + ~8 of
@@ -126,18 +130,26 @@ def _floating(model: nn.Module) -> list[torch.Tensor]:
 
 # -- (b) DeepSpeed ZeRO model-state estimators ------------------------------------------------------------
 
-def _zero2_gpu_bytes(total_params: int, num_gpus_per_node: int = 1, num_nodes: int = 1) -> int:
-    # deepspeed/runtime/zero/stage_1_and_2.py, estimate_zero2_model_states_mem_needs(cpu_offload=False):
+def _zero2_gpu_bytes(total_params: int, num_gpus_per_node: int = 1, num_nodes: int = 1,
+                     cpu_offload: bool = False) -> int:
+    # deepspeed/runtime/zero/stage_1_and_2.py, estimate_zero2_model_states_mem_needs, the GPU figure:
     # 2 = params_16bit, 18 = 2_grads_16bit + 4_grads_32bit + 4_params_32bit + 8_optimizer_states_32bit
     total_gpus = num_nodes * num_gpus_per_node
+    if cpu_offload:
+        return int(2 * total_params)
     return int(2 * total_params + int(18 * total_params / total_gpus))
 
 
 def _zero3_gpu_bytes(total_params: int, largest_layer_params: int, num_gpus_per_node: int = 1,
-                     num_nodes: int = 1) -> int:
-    # deepspeed/runtime/zero/stage3.py, estimate_zero3_model_states_mem_needs(cpu_offload=False)
+                     num_nodes: int = 1, cpu_offload: bool = False, cpu_offload_params: bool = False) -> int:
+    # deepspeed/runtime/zero/stage3.py, estimate_zero3_model_states_mem_needs, the GPU figure
     total_gpus = num_nodes * num_gpus_per_node
-    return int(4 * largest_layer_params + int(18 * total_params / total_gpus))
+    largest_layer_memory = 4 * largest_layer_params
+    if cpu_offload:
+        if cpu_offload_params:
+            return int(largest_layer_memory)
+        return int(largest_layer_memory + int(2 * total_params / total_gpus))
+    return int(largest_layer_memory + int(18 * total_params / total_gpus))
 
 
 def _model_to_params(model: nn.Module) -> tuple[int, int]:
@@ -189,35 +201,39 @@ def _params(model: nn.Module) -> tuple[int, int]:
     return _model_to_params(model)  # data_ptr() is 0 for every meta tensor: count by identity instead
 
 
-def deepspeed_zero2(model: nn.Module, batch: Any, optimizer: str, precision: str, **_: Any) -> int:
-    """DeepSpeed's ZeRO-2 per-GPU model states for 1 GPU, no offload."""
+def deepspeed_zero2(model: nn.Module, batch: Any, optimizer: str, precision: str, *, num_gpus: int = 1,
+                    cpu_offload: bool = False, **_: Any) -> int:
+    """DeepSpeed's ZeRO-2 per-GPU model states (default: 1 GPU, no offload)."""
     total, _largest = _params(model)
     ds = _deepspeed()
     if "zero2" in ds:
-        _cpu, gpu = ds["zero2"](total, num_gpus_per_node=1, num_nodes=1, cpu_offload=False)
+        _cpu, gpu = ds["zero2"](total, num_gpus_per_node=num_gpus, num_nodes=1, cpu_offload=cpu_offload)
         return int(gpu)
-    return _zero2_gpu_bytes(total)
+    return _zero2_gpu_bytes(total, num_gpus, 1, cpu_offload)
 
 
-def deepspeed_zero3(model: nn.Module, batch: Any, optimizer: str, precision: str, **_: Any) -> int:
-    """DeepSpeed's ZeRO-3 per-GPU model states for 1 GPU, no offload."""
+def deepspeed_zero3(model: nn.Module, batch: Any, optimizer: str, precision: str, *, num_gpus: int = 1,
+                    cpu_offload: bool = False, cpu_offload_params: bool = False, **_: Any) -> int:
+    """DeepSpeed's ZeRO-3 per-GPU model states (default: 1 GPU, no offload)."""
     total, largest = _params(model)
     ds = _deepspeed()
     if "zero3" in ds:
-        _cpu, gpu, _largest_mem = ds["zero3"](total, largest, num_gpus_per_node=1, num_nodes=1,
-                                              cpu_offload=False, cpu_offload_params=False)
+        _cpu, gpu, _largest_mem = ds["zero3"](total, largest, num_gpus_per_node=num_gpus, num_nodes=1,
+                                              cpu_offload=cpu_offload, cpu_offload_params=cpu_offload_params)
         return int(gpu)
-    return _zero3_gpu_bytes(total, largest)
+    return _zero3_gpu_bytes(total, largest, num_gpus, 1, cpu_offload, cpu_offload_params)
 
 
 # -- (c) torchinfo ----------------------------------------------------------------------------------------
 
-def torchinfo_total(model: nn.Module, batch: Any, optimizer: str, precision: str, **_: Any) -> int:
+def torchinfo_total(model: nn.Module, batch: Any, optimizer: str, precision: str, *, meta_ok: bool = False,
+                    **_: Any) -> int:
     """torchinfo's "Estimated Total Size": input + forward/backward pass + params bytes."""
     import torchinfo
 
     half = _TRUE_HALF.get(str(precision))
-    if any(p.device.type == "meta" for p in model.parameters()):
+    on_meta = any(p.device.type == "meta" for p in model.parameters())
+    if on_meta and not meta_ok:
         raise NotApplicable("torchinfo runs the forward pass: needs a real model")
     net = copy.deepcopy(model)
     data = batch
@@ -226,7 +242,8 @@ def torchinfo_total(model: nn.Module, batch: Any, optimizer: str, precision: str
         data = tree_map(lambda x: x.to(half) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, batch)
     if isinstance(data, tuple):
         data = list(data)
-    stats = torchinfo.summary(net, input_data=data, verbose=0, mode="train", cache_forward_pass=False)
+    stats = torchinfo.summary(net, input_data=data, verbose=0, mode="train", cache_forward_pass=False,
+                              **({"device": "meta"} if on_meta else {}))
     return int(stats.total_input + stats.total_output_bytes + stats.total_param_bytes)
 
 
