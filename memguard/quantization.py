@@ -11,6 +11,7 @@ the input). Nothing here imports bitsandbytes: existing bitsandbytes layers are 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -94,15 +95,23 @@ class QuantizedLinear(nn.Module):
         return _DequantMatmul.apply(x, self.packed, bias, (self.out_features, self.in_features))
 
 
-def quantize_linears(model: nn.Module, scheme: QuantScheme, skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """Replace plain nn.Linear layers (except ``skip`` names, as bitsandbytes integrations keep the output
-    head) by :class:`QuantizedLinear`, in place; returns how many were replaced.
+def quantize_linears(model: nn.Module, scheme: QuantScheme, skip: tuple[str, ...] = (),
+                     ignore_modules: Collection[str] = ()) -> int:
+    """Replace linear layers by :class:`QuantizedLinear`, in place, the way Lightning's BitsandbytesPrecision
+    converts a model (``_convert_layers``): every ``nn.Linear``, subclasses and the output head included;
+    returns how many were replaced.
 
-    When some linear layers are frozen and others train (LoRA adapters are linear layers too), only the
-    frozen ones are quantized, as in QLoRA; otherwise all are, as Lightning's BitsandbytesPrecision does.
+    ``ignore_modules`` are qualified-name prefixes whose linear layers stay as they are, as Lightning's
+    argument of that name (``{"lm_head"}``, ``{"transformer.h.0"}``); ``skip`` leaves layers of these attribute
+    names alone wherever they sit. A model that already holds bitsandbytes layers is left as it is, as
+    Lightning leaves it. When some linear layers are frozen and others train, only the frozen ones are
+    quantized: the trainable ones are adapters (PEFT's LoRA layers are linear layers), and a quantized layer
+    cannot train. Lightning quantizes before LoRA freezes the base, so its models reach memguard with every
+    linear layer frozen and the two rules agree.
     """
-    linears = [(parent, name, child) for parent in list(model.modules())
-               for name, child in list(parent.named_children()) if type(child) is nn.Linear and name not in skip]
+    if any(isinstance(m, QuantizedLinear) or bnb_layer_scheme(m) is not None for m in model.modules()):
+        return 0
+    linears = list(_linears(model, tuple(ignore_modules), skip))
     frozen = [item for item in linears if not item[2].weight.requires_grad]
     chosen = frozen if frozen else linears
     for parent, name, child in chosen:
@@ -110,21 +119,40 @@ def quantize_linears(model: nn.Module, scheme: QuantScheme, skip: tuple[str, ...
     return len(chosen)
 
 
+def _linears(module: nn.Module, ignore: tuple[str, ...], skip: tuple[str, ...],
+             prefix: str = "") -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, layer) for each linear layer Lightning's ``_convert_layers`` would replace."""
+    for name, child in module.named_children():
+        qualified = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, nn.Linear) and name not in skip and not qualified.startswith(ignore):
+            yield module, name, child
+        else:
+            yield from _linears(child, ignore, skip, qualified)
+
+
 def _stand_in(linear: nn.Linear, scheme: QuantScheme) -> QuantizedLinear:
     return QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme,
                            device=linear.weight.device)
 
 
+_LIGHTNING_4BIT = {"_NF4Linear": ("nf4", False), "_NF4DQLinear": ("nf4", True), "_FP4Linear": ("fp4", False),
+                   "_FP4DQLinear": ("fp4", True)}
+"""The layer classes Lightning's BitsandbytesPrecision converts to, per mode (subclasses of Linear4bit)."""
+
+
 def bnb_layer_scheme(module: nn.Module) -> QuantScheme | None:
-    """The scheme of an existing bitsandbytes layer (Linear4bit, LinearNF4, Linear8bitLt), else None."""
-    name = type(module).__name__
-    if name in ("Linear4bit", "LinearNF4", "LinearFP4"):
+    """The scheme of an existing bitsandbytes layer (Linear4bit, LinearNF4, Linear8bitLt, or a subclass such
+    as the ones Lightning's BitsandbytesPrecision converts to), else None."""
+    names = [cls.__name__ for cls in type(module).__mro__]
+    if any(n in ("Linear4bit", "LinearNF4", "LinearFP4") for n in names):
         weight = module.weight
-        kind = getattr(weight, "quant_type", None) or ("nf4" if name == "LinearNF4" else "fp4")
-        dq = bool(getattr(weight, "compress_statistics", False))
+        mode = next((_LIGHTNING_4BIT[n] for n in names if n in _LIGHTNING_4BIT), None)
+        kind = getattr(weight, "quant_type", None) or (mode[0] if mode else "nf4" if "LinearNF4" in names else "fp4")
+        dq = getattr(weight, "compress_statistics", None)
+        dq = bool(dq) if dq is not None else bool(mode and mode[1])
         dtype = getattr(module, "compute_dtype", None) or torch.bfloat16
         return QuantScheme(kind, dq, dtype)
-    if name == "Linear8bitLt":
+    if "Linear8bitLt" in names:
         return QuantScheme("int8", False, torch.float16)
     return None
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import memguard
 from memguard import Category, InvalidArgumentError
-from memguard.quantization import QuantScheme
+from memguard.quantization import QuantizedLinear, QuantScheme, quantize_linears
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbF  # noqa: E402
@@ -77,3 +77,74 @@ def test_model_with_real_bitsandbytes_layers_is_traced() -> None:
 def test_unknown_quantization_lists_the_modes() -> None:
     with pytest.raises(InvalidArgumentError, match=r"unknown quantization 'nf3'.*nf4"):
         memguard.estimate(MLP(), torch.randn(2, 256), quantization="nf3")
+
+
+class Scaled(nn.Linear):
+    """A subclass of nn.Linear (as some libraries define): Lightning converts it like any linear layer."""
+
+
+class Tower(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 64)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"attn": nn.Linear(64, 64), "mlp": Scaled(64, 64)}) for _ in range(2))
+        self.lm_head = nn.Linear(64, 32, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for block in self.blocks:
+            h = block["mlp"](torch.relu(block["attn"](h)))
+        return self.lm_head(h)
+
+
+def _quantized_names(model: nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def _lightning_converted(model: nn.Module, mode: str, ignore: set[str] | None = None) -> nn.Module:
+    from lightning_fabric.plugins.precision.bitsandbytes import BitsandbytesPrecision
+
+    return BitsandbytesPrecision(mode, dtype=torch.bfloat16, ignore_modules=ignore).convert_module(model)
+
+
+@pytest.mark.parametrize("ignore", [None, {"lm_head"}, {"blocks.1", "blocks.0.mlp"}])
+def test_quantizes_the_layers_lightning_converts(ignore: set[str] | None) -> None:
+    pytest.importorskip("lightning_fabric")
+    ours = Tower()
+    count = quantize_linears(ours, QuantScheme("nf4", True), ignore_modules=ignore or ())
+    theirs = _lightning_converted(Tower(), "nf4-dq", ignore)
+    converted = {name for name, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert _quantized_names(ours) == converted
+    assert count == len(converted)
+    if ignore is None:
+        assert {"lm_head", "blocks.0.mlp"} <= converted  # the output head and the nn.Linear subclass
+
+
+def test_skip_names_still_leave_those_layers() -> None:
+    model = Tower()
+    assert quantize_linears(model, QuantScheme("nf4"), skip=("lm_head",)) == 4
+    assert type(model.lm_head) is nn.Linear
+
+
+def test_frozen_base_with_trainable_adapters_quantizes_only_the_base() -> None:
+    model = Tower()
+    model.requires_grad_(False)
+    model.blocks[0]["adapter"] = nn.Linear(64, 8)  # trainable, like a PEFT LoRA layer
+    quantize_linears(model, QuantScheme("nf4"))
+    assert type(model.blocks[0]["adapter"]) is nn.Linear
+    assert _quantized_names(model) == {"blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp", "lm_head"}
+
+
+def test_model_lightning_already_converted_is_traced_as_converted() -> None:
+    pytest.importorskip("lightning_fabric")
+    ids = torch.randint(0, 32, (2, 16))
+    kwargs = dict(loss_fn=lambda m, b: m(b).float().sum(), precision="bf16-true", device="cuda", optimizer="sgd",
+                  steps=1)
+    converted = memguard.estimate(_lightning_converted(Tower(), "nf4-dq"), ids, **kwargs)
+    quantized = memguard.estimate(Tower(), ids, quantization="nf4-dq", **kwargs)
+    assert any("5 bitsandbytes layers" in n for n in converted.notes)
+    assert converted.breakdown[Category.PARAMETERS] == quantized.breakdown[Category.PARAMETERS]
+    # quantization= on a model that already holds bitsandbytes layers converts nothing more, as Lightning
+    again = memguard.estimate(_lightning_converted(Tower(), "nf4-dq"), ids, quantization="nf4", **kwargs)
+    assert any("0 linear layers quantized" in n for n in again.notes)
+    assert again.breakdown[Category.PARAMETERS] == converted.breakdown[Category.PARAMETERS]
