@@ -107,13 +107,6 @@ EXPLANATIONS: dict[str, str] = {
         "float32 parameter sizes that memguard's allocator never sees; DeepSpeed's reduction stream "
         "(overlap_comm) frees with record_stream, so its blocks are reused later than memguard assumes; the "
         "DeepSpeed release of the run is not stated. A memory snapshot of one step on the GPU would tell."),
-    "hf_bert_04": (
-        "fp16 autocast: CUDA's autocast runs softmax and layer_norm in float32 (its 'fp32' op list), so on the "
-        "GPU the attention probabilities of all 24 layers (4 x 16 x 512 x 512 each) and the layer-norm outputs "
-        "are float32, and the copy cast back to fp16 for the next matmul is saved too; memguard traces CPU "
-        "autocast, whose lists keep both ops in half precision. Re-tracing with those two ops upcast as CUDA "
-        "does gives 13.41 GiB (-1.5%). The bs-1 fp16 points (05, 07, 09) checkpoint their activations, so the "
-        "difference is small there."),
 }
 
 
@@ -412,6 +405,8 @@ class ForeachAdamBefore104780(torch.optim.Optimizer):
 EMULATIONS = {
     "torch<1.11 softmax": "softmax saves its input for backward (pytorch/pytorch#49600, removed in torch 1.11)",
     "torch<2.1 foreach Adam": "foreach Adam holds two parameter-sized intermediates (before pytorch/pytorch#104780)",
+    "transformers<4.22 attention mask": "BERT built an all-ones attention mask when none was given and added it, "
+                                        "as a float32 bias, to the attention scores (traced by passing that mask)",
 }
 
 
@@ -426,6 +421,8 @@ def estimate_point(spec: dict[str, Any]) -> Any:
     unknown = [e for e in emulate if e not in EMULATIONS]
     if unknown:
         raise ValueError(f"unknown emulation {unknown}")
+    if "transformers<4.22 attention mask" in emulate:
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     optimizer: Any = spec["optimizer"]
     if "torch<2.1 foreach Adam" in emulate:
         if optimizer != "adam" or spec.get("optimizer_impl") != "foreach":
