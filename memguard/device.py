@@ -609,10 +609,9 @@ def _swaps() -> list[tuple[Any, str, Callable[[Callable], Callable]]]:
     return [(F, "dropout", _make_dropout), (F, "scaled_dot_product_attention", _make_sdpa)] + _autocast_swaps()
 
 
-_MATMULS = {
-    "aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default",
-    "aten._scaled_mm.default", "aten.addbmm.default",
-}
+_MATMULS = frozenset(getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "addbmm"))
+"""The operators that run through cuBLAS (compared by identity: this check runs on every traced op)."""
 
 
 def cublas_workspace_bytes(compute_capability: tuple[int, int]) -> int:
@@ -675,7 +674,7 @@ class CUDADevice(DeviceModel):
         return _CudaKernels(self.attention, self.autocast_lists)
 
     def op_memory(self, func: Any, args: tuple, kwargs: dict, outputs: list) -> OpMemory:
-        if str(func) not in _MATMULS:
+        if func not in _MATMULS:
             return NO_EXTRA
         thread = "backward" if torch._C._current_autograd_node() is not None else "forward"
         if thread in self._workspaces:
