@@ -63,10 +63,14 @@ QLORA_GAP = (
     "keeps only the packed weight for backward, as bitsandbytes >= 0.43.3 does; older releases (the runs' version "
     "is not stated; LitGPT's quantization extra required 0.42 for much of 2024) also kept each 4-bit layer's input "
     "(MatMul4Bit `ctx.tensors = (A, B)`, removed by bitsandbytes PR #1270). Keeping that input in the stand-in "
-    "(`--what-if old-bitsandbytes`) raises these predictions by 0.4-2.1 GiB, to 11-23% low. (2) The rest, "
-    "roughly one or two more input-sized tensors per 4-bit layer "
-    "judging by how it scales across models and batch sizes, is not identified from the published data; a GPU "
-    "run of one LitGPT QLoRA step with bitsandbytes 0.42 under the memory profiler would settle it.")
+    "(`--what-if old-bitsandbytes`) raises these predictions by 0.4-2.1 GiB, to 11-23% low. (2) How the "
+    "shortfall scales says what kind of memory it is: over the 14 distinct models (1.1B to 9B parameters, 512 to "
+    "4096 tokens per micro-batch) it is 7.1-12.4 bytes (median 9.9) per token x layer x MLP intermediate size, "
+    "while per token x layer x hidden size it ranges 23-79 bytes; it does not follow the weights. So the runs kept "
+    "about five more bf16 (or two to three more float32) intermediate-sized tensors per layer than memguard's "
+    "trace of today's bitsandbytes, activations of the 4-bit MLP path; which ones is not identified from the "
+    "published data. A GPU run of one LitGPT QLoRA step with bitsandbytes 0.42 under the memory profiler would "
+    "settle it.")
 RASBT_FSDP1_GAP = (
     "FSDP1 on torch 2.1.0.dev20230623 (rank 0's max_memory_reserved, 4 GPUs). For ViT-L/16 the step itself is "
     "not where the gap is: the single-GPU runs of the same scripts are within 10% (rasbt_vitl_01-07), and "
