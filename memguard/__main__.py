@@ -1,5 +1,5 @@
 """``python -m memguard``: the same as the ``memguard`` command."""
 
-from memguard.cli import main
+from memguard.cli import run
 
-raise SystemExit(main())
+run()

@@ -223,6 +223,7 @@ def bench_peers():
 
 
 def test_peers_on_gpt2_give_the_documented_bytes(bench_peers) -> None:
+    pytest.importorskip("torchinfo")
     got = gm.peer_predictions(MEASUREMENTS["optbench_gpt2_rocm"])  # full fine-tuning, fp32, AdamW, 1 GPU
     assert all(p["bytes"] is not None for p in got.values()), got
     assert got["24 B/param"]["bytes"] == 24 * GPT2_PARAMS  # the tied head counted once
@@ -238,6 +239,7 @@ def test_peers_on_gpt2_give_the_documented_bytes(bench_peers) -> None:
 
 
 def test_torchinfo_on_the_meta_model_equals_the_real_one(bench_peers) -> None:
+    pytest.importorskip("torchinfo")
     model = _tiny_llama()
     ids = torch.randint(0, 97, (2, 16))
     real = bench_peers.torchinfo_total(model, {"input_ids": ids, "labels": ids}, "adamw", "bf16-true")
