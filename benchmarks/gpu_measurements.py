@@ -59,8 +59,9 @@ UNITS = {"GiB": 2**30, "MiB": 2**20, "GB": 10**9, "MB": 10**6}
 # fixed, shows up in the report as "no explanation recorded" / a stale entry instead of passing silently.
 QLORA_GAP = (
     "every LitGPT QLoRA point is under-predicted, while the LoRA runs of the same models are within 6%: the "
-    "shortfall is in memguard's model of bitsandbytes' 4-bit layers. (1) memguard's stand-in "
-    "keeps only the packed weight for backward, as bitsandbytes >= 0.43.3 does; older releases (the runs' version "
+    "shortfall is in memguard's model of bitsandbytes' 4-bit layers. (1) memguard follows the installed "
+    "bitsandbytes (0.50 here), whose 4-bit matmul keeps only the packed weight for backward, as every release "
+    "from 0.43.3 on does; older releases (the runs' version "
     "is not stated; LitGPT's quantization extra required 0.42 for much of 2024) also kept each 4-bit layer's input "
     "(MatMul4Bit `ctx.tensors = (A, B)`, removed by bitsandbytes PR #1270). Keeping that input in the stand-in "
     "(`--what-if old-bitsandbytes`) raises these predictions by 0.4-2.1 GiB, to 11-23% low. (2) How the "
@@ -997,10 +998,10 @@ def render(results: list[Result], ooms: list[dict], cals: list[dict], summary: d
               ""]
     a, b = summary["allocated_type"], summary["allocated_type_without_qlora"]
     if a.get("count"):
+        without = (f"; without the QLoRA points (a modelling gap of memguard's 4-bit layers, below) the worst is "
+                   f"{_pct(b['max_under'])} and {b['margin_needed']:.1%} covers them" if b.get("count") else "")
         lines += [f"Safety margin: the worst under-prediction over allocated-type points is {_pct(a['max_under'])}, "
-                  f"so a margin of {a['margin_needed']:.1%} on `peak_bytes` covers every one of them; without the "
-                  f"QLoRA points (a modelling gap of memguard's 4-bit layers, below) the worst is "
-                  f"{_pct(b['max_under'])} and {b['margin_needed']:.1%} covers them "
+                  f"so a margin of {a['margin_needed']:.1%} on `peak_bytes` covers every one of them{without} "
                   f"(memguard.plan.DEFAULT_MARGIN = {margin:.0%}).", ""]
 
     lines += ["## Points", "",
@@ -1090,24 +1091,6 @@ _WITH_PEERS = os.environ.get("MEMGUARD_BENCH_NO_PEERS") != "1"
 WHAT_IFS = ("old-bitsandbytes",)
 
 
-class _MatMul4BitKeepingInput(torch.autograd.Function):
-    """memguard's 4-bit matmul stand-in as bitsandbytes < 0.43.3 behaved: the layer input is kept for backward
-    (MatMul4Bit ``ctx.tensors = (A, B)``, removed by bitsandbytes PR #1270). For ``--what-if`` only."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, bias: Any, shape: tuple[int, int]) -> torch.Tensor:
-        weight = torch.empty(shape, dtype=x.dtype, device=x.device)
-        out = F.linear(x, weight, bias)
-        ctx.shape = shape
-        ctx.save_for_backward(x, packed)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        weight = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device)
-        return grad @ weight, None, None, None
-
-
 def apply_what_if(name: str | None) -> None:
     """Change memguard's behaviour in this process for a what-if run (never for the recorded results)."""
     if name is None:
@@ -1116,7 +1099,7 @@ def apply_what_if(name: str | None) -> None:
         raise ValueError(f"unknown what-if {name!r}; known: {', '.join(WHAT_IFS)}")
     import memguard.quantization as quantization
 
-    quantization._DequantMatmul = _MatMul4BitKeepingInput
+    quantization.bnb_keeps_input = lambda: True  # as bitsandbytes < 0.43.3 behaved
 
 
 def _init_worker(what_if: str | None) -> None:

@@ -4,13 +4,19 @@ use them, in a form the tracer can run.
 bitsandbytes kernels cannot run on fake or meta tensors, so inside the trace each quantized linear layer
 is a stand-in that holds exactly the storages bitsandbytes keeps (packed weights, absmax statistics,
 codebooks) and allocates what its autograd function allocates: the weight dequantized to the compute dtype
-for the matmul, freed right after, in forward and again in backward (bitsandbytes' MatMul4Bit saves only
-the input). Nothing here imports bitsandbytes: existing bitsandbytes layers are recognised by class name.
+for the matmul, freed right after, in forward and again in backward. What the 4-bit matmul keeps for
+backward follows the installed bitsandbytes: the packed weight only from 0.43.3 on; before, the layer's
+input as well (MatMul4Bit ``ctx.tensors = (A, B)``, removed by bitsandbytes PR #1270). Nothing here imports
+bitsandbytes: its version comes from the package metadata, and existing bitsandbytes layers are recognised
+by class name.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import math
+import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
@@ -58,21 +64,41 @@ class QuantScheme:
         return sizes
 
 
+KEEPS_INPUT_BEFORE = (0, 43, 3)
+"""bitsandbytes releases before this one keep each 4-bit matmul's input for backward."""
+
+
+@functools.lru_cache(maxsize=1)
+def bnb_keeps_input() -> bool:
+    """Whether the installed bitsandbytes keeps a 4-bit layer's input for backward (False when it is not
+    installed: memguard then models the current releases)."""
+    try:
+        version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    parts = tuple(int(n) for n in re.findall(r"\d+", version)[:3])
+    return parts < KEEPS_INPUT_BEFORE
+
+
 class _DequantMatmul(torch.autograd.Function):
     """The memory behaviour of bitsandbytes' MatMul4Bit / MatMul8bitLt with a frozen weight."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, int]):  # noqa: ANN001, ANN205
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, int],  # noqa: ANN001, ANN205
+                keep_input: bool = False):
         weight = torch.empty(shape, dtype=x.dtype, device=x.device)  # dequantized copy, freed on return
         out = nn.functional.linear(x, weight, bias)
         ctx.shape = shape
-        ctx.save_for_backward(packed)
+        if keep_input:
+            ctx.save_for_backward(x, packed)
+        else:
+            ctx.save_for_backward(packed)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         weight = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device)
-        return grad @ weight, None, None, None
+        return grad @ weight, None, None, None, None
 
 
 class QuantizedLinear(nn.Module):
@@ -92,7 +118,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.scheme.compute_dtype) if x.is_floating_point() else x
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return _DequantMatmul.apply(x, self.packed, bias, (self.out_features, self.in_features))
+        keep = self.scheme.kind != "int8" and bnb_keeps_input()
+        return _DequantMatmul.apply(x, self.packed, bias, (self.out_features, self.in_features), keep)
 
 
 def quantize_linears(model: nn.Module, scheme: QuantScheme, skip: tuple[str, ...] = (),

@@ -148,3 +148,43 @@ def test_model_lightning_already_converted_is_traced_as_converted() -> None:
     again = memguard.estimate(_lightning_converted(Tower(), "nf4-dq"), ids, quantization="nf4", **kwargs)
     assert any("0 linear layers quantized" in n for n in again.notes)
     assert again.breakdown[Category.PARAMETERS] == converted.breakdown[Category.PARAMETERS]
+
+
+@pytest.mark.parametrize("version, keeps", [("0.42.0", True), ("0.43.2", True), ("0.43.3", False),
+                                            ("0.50.2", False), ("0.41.3.post2", True)])
+def test_bitsandbytes_version_decides_whether_the_input_is_kept(monkeypatch, version: str, keeps: bool) -> None:
+    import importlib.metadata
+
+    from memguard import quantization
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
+    quantization.bnb_keeps_input.cache_clear()
+    try:
+        assert quantization.bnb_keeps_input() is keeps
+    finally:
+        quantization.bnb_keeps_input.cache_clear()
+
+
+def test_old_bitsandbytes_keeps_each_4bit_layers_input_for_backward(monkeypatch) -> None:
+    """Before 0.43.3 MatMul4Bit kept its input: a frozen 4-bit layer fed by a trainable one then holds that
+    input (cast to the compute dtype) until backward, exactly its bytes more at the end of the forward."""
+    from memguard import quantization
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trained = nn.Linear(64, 256)
+            self.base = nn.Linear(256, 128)
+            self.base.requires_grad_(False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.base(self.trained(x)).float().sum()
+
+    batch = torch.randn(32, 64)
+
+    def activations(keep: bool) -> int:
+        monkeypatch.setattr(quantization, "bnb_keeps_input", lambda: keep)
+        est = memguard.estimate(Net(), batch, device="cpu", quantization="nf4", optimizer="sgd")
+        return est.phase_breakdowns["step1.forward"][Category.ACTIVATIONS]
+
+    assert activations(True) - activations(False) == 32 * 256 * torch.bfloat16.itemsize
