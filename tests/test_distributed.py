@@ -374,35 +374,15 @@ def test_ddp_bucket_views_never_cost_more() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # DeepSpeed: model states against DeepSpeed's own estimators
 #
-# The two functions below are DeepSpeed 0.19.8's estimators, reimplemented from its source (DeepSpeed needs a
-# CUDA build to install): deepspeed/runtime/zero/stage_1_and_2.py, estimate_zero2_model_states_mem_needs, and
-# deepspeed/runtime/zero/stage3.py, estimate_zero3_model_states_mem_needs (GPU part; fp16/bf16 with Adam).
+# DeepSpeed needs a CUDA build to install, so its estimators (0.19.8: deepspeed/runtime/zero/stage_1_and_2.py
+# estimate_zero2_model_states_mem_needs, deepspeed/runtime/zero/stage3.py estimate_zero3_model_states_mem_needs
+# and model_to_params) are reimplemented once, in benchmarks/peers.py, where tests/test_gpu_measurements.py
+# checks them against DeepSpeed itself wherever it is installed.
 
-
-def ds_zero2_gpu_bytes(total_params: int, num_gpus_per_node: int = 1, num_nodes: int = 1,
-                       cpu_offload: bool = True) -> int:
-    total_gpus = num_nodes * num_gpus_per_node
-    if cpu_offload:
-        return int(2 * total_params)
-    return int(2 * total_params + int(18 * total_params / total_gpus))
-
-
-def ds_zero3_gpu_bytes(total_params: int, largest_layer_params: int, num_gpus_per_node: int = 1, num_nodes: int = 1,
-                       cpu_offload: bool = True, cpu_offload_params: bool = True) -> int:
-    total_gpus = num_nodes * num_gpus_per_node
-    largest_layer_memory = 4 * largest_layer_params
-    if cpu_offload:
-        if cpu_offload_params:
-            return int(largest_layer_memory)
-        return int(largest_layer_memory + int(2 * total_params / total_gpus))
-    return int(largest_layer_memory + int(18 * total_params / total_gpus))
-
-
-def ds_model_to_params(model: nn.Module) -> tuple[int, int]:
-    """deepspeed/runtime/zero/stage3.py model_to_params (shared parameters counted once)."""
-    total = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return total, largest
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from peers import _model_to_params as ds_model_to_params  # noqa: E402
+from peers import _zero2_gpu_bytes as ds_zero2_gpu_bytes  # noqa: E402
+from peers import _zero3_gpu_bytes as ds_zero3_gpu_bytes  # noqa: E402
 
 
 SIZES = [(125_000_000, 40_000_000), (1_300_000_000, 260_000_000), (6_738_415_616, 131_072_000),
