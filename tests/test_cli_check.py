@@ -66,6 +66,18 @@ def test_fits_only_with_bf16_exit_3(capsys: pytest.CaptureFixture[str]) -> None:
     assert re.search(r"precision\s+32-true\s+bf16-mixed\s+Trainer\(precision='bf16-mixed'\)\s+1", out)
 
 
+def test_replicated_multi_gpu_run_is_sharded_when_allowed(capsys: pytest.CaptureFixture[str]) -> None:
+    """GPT-2 medium in fp32 under DDP on 4 x T4 misses by about 1 GiB per GPU; ZeRO-2 over the same GPUs fits."""
+    argv = [GPT2, "--set", "model.preset=gpt2-medium", "--set", "trainer.devices=4", "--set", "trainer.strategy=ddp",
+            "--set", "trainer.precision=32-true", "--set", "data.batch_size=4", "--gpu", "T4", "--allow", "sharding"]
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 3, err
+    document = json.loads(out)
+    validate(document)
+    assert [c["how"] for c in document["plan"]["changes"]] == ["Trainer(strategy='deepspeed_stage_2')"]
+    assert document["plan"]["device_bytes"] < document["as_configured"]["device_bytes"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["examples/nope.yaml"], r"examples/nope.yaml: no such file"),
     ([GPT2, "--gpu", "Z100"], r"command line: --gpu: unknown GPU 'Z100'"),
@@ -122,7 +134,8 @@ def _schema() -> dict[str, Any]:
                   "properties": {"index": integer, "phase": string, "allocated_bytes": integer}}}}
     estimate = {"type": "object", "required": list(memory), "properties": memory}
     change = {"type": "object", "required": ["knob", "before", "after", "how", "cost", "why"],
-              "properties": {"knob": {"enum": ["precision", "optimizer", "micro_batch", "checkpointing", "offload"]},
+              "properties": {"knob": {"enum": ["precision", "optimizer", "micro_batch", "checkpointing",
+                                               "sharding", "offload"]},
                              "before": string, "after": string, "how": string, "cost": number, "why": string}}
     plan = {"type": ["object", "null"], "required": ["fits", "changes", "cost", "tried", *memory],
             "properties": {"fits": boolean, "changes": {"type": "array", "items": change}, "cost": number,
