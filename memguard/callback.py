@@ -56,7 +56,9 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
     budget: bytes or a size string ("12GiB") to use instead of the device's free memory.
     margin: safety margin on top of the prediction (stated in every report).
     allow: the knobs the plan may turn, in order ("precision", "optimizer", "micro_batch",
-        "checkpointing", "offload"); [] forbids any change.
+        "checkpointing"); [] forbids any change. "offload" and "sharding" are accepted but never applied
+        here: this callback installs no host-offloading optimizer, and the strategy is launched before it
+        runs (``memguard check`` proposes both).
     example_batch: a batch exactly as ``training_step`` receives it; otherwise the module's
         ``example_input_array`` (forward only), otherwise the first batch of the train dataloader.
     batch_arg_name: the attribute (on the module, its hparams or the datamodule) that sets the
