@@ -454,7 +454,8 @@ def run_steps(
             if first is None and recorded is not None:
                 first = _replay_recording(recorded, label, params, optimizer, zero_first, recorder, mode)
             elif first is not None and first.replayable and program.accumulate == 1:
-                _replay_forward_backward(first, label, params, optimizer, zero_first, recorder, mode)
+                _replay_forward_backward(first.forward, first.backward, first.grads, label, optimizer, zero_first,
+                                         recorder, mode)
             else:
                 record = _trace_forward_backward(model, batch, label, params, optimizer, program, zero_first,
                                                  recorder, mode)
@@ -625,20 +626,33 @@ def _trace_forward_backward(model, batch, label, params, optimizer, program, zer
     return _StepRecord(forward, backward, grads, replayable, raw_forward, raw_backward)
 
 
-def _replay_forward_backward(first, label, params, optimizer, zero_first, recorder, mode) -> None:  # noqa: ANN001
+def _replay_forward_backward(forward, backward, grads, label, optimizer, zero_first, recorder, mode,  # noqa: ANN001
+                             sizes=None, categories=None) -> tuple[_StepRecord, dict[int, int]]:
+    """Append a recorded forward and backward again under this step's phases and bind each surviving
+    gradient (``(parameter, old id, shape, stride, dtype)``) to its parameter. ``sizes`` / ``categories``
+    describe the old ids when they come from another trace. Returns the step in this trace's ids (kept
+    allocations included) and the old -> new id map."""
     remap: dict[int, int] = {}
+    events = recorder.trace.events
     with _phase(recorder, mode, f"{label}.forward"):
-        recorder.replay(first.forward, remap)
+        f0 = len(events)
+        recorder.replay(forward, remap, sizes, categories)
+        new_forward = events[f0:]
     if zero_first and optimizer is not None:
         with _phase(recorder, mode, f"{label}.zero_grad"):
             optimizer.zero_grad(set_to_none=True)
+    new_grads = []
     with _phase(recorder, mode, f"{label}.backward"):
-        recorder.replay(first.backward, remap)
+        b0 = len(events)
+        recorder.replay(backward, remap, sizes, categories)
+        new_backward = events[b0:]
         with recorder.paused():
-            for p, aid, shape, stride, dtype in first.grads:
+            for p, aid, shape, stride, dtype in grads:
                 grad = torch.empty_strided(shape, stride, dtype=dtype, device="cpu")
                 recorder.bind(grad.untyped_storage(), remap[aid])
                 p.grad = grad
+                new_grads.append((p, remap[aid], shape, stride, dtype))
+    return _StepRecord(new_forward, new_backward, new_grads, True), remap
 
 
 def _recording(record: _StepRecord, params: list[nn.Parameter], recorder: _Recorder, device: DeviceModel) -> Recording:
@@ -655,34 +669,17 @@ def _recording(record: _StepRecord, params: list[nn.Parameter], recorder: _Recor
     )
 
 
-def _replay_recording(rec: Recording, label, params, optimizer, zero_first, recorder, mode) -> _StepRecord:
+def _replay_recording(rec: Recording, label, params, optimizer, zero_first, recorder, mode) -> _StepRecord:  # noqa: ANN001
     """Step 1's forward and backward from another trace's recording; returns the step's record in this
     trace's ids, so later steps replay it as usual."""
-    remap: dict[int, int] = {}
-    events = recorder.trace.events
-    with _phase(recorder, mode, f"{label}.forward"):
-        f0 = len(events)
-        recorder.replay(rec.forward, remap, rec.sizes, rec.categories)
-        forward = events[f0:]
-    if zero_first and optimizer is not None:
-        with _phase(recorder, mode, f"{label}.zero_grad"):
-            optimizer.zero_grad(set_to_none=True)
-    grads = []
-    with _phase(recorder, mode, f"{label}.backward"):
-        b0 = len(events)
-        recorder.replay(rec.backward, remap, rec.sizes, rec.categories)
-        backward = events[b0:]
-        with recorder.paused():
-            for i, aid, shape, stride, dtype in rec.grads:
-                grad = torch.empty_strided(shape, stride, dtype=dtype, device="cpu")
-                recorder.bind(grad.untyped_storage(), remap[aid])
-                params[i].grad = grad
-                grads.append((params[i], remap[aid], shape, stride, dtype))
+    grads = [(params[i], aid, shape, stride, dtype) for i, aid, shape, stride, dtype in rec.grads]
+    step, remap = _replay_forward_backward(rec.forward, rec.backward, grads, label, optimizer, zero_first,
+                                           recorder, mode, rec.sizes, rec.categories)
     kept = {remap[aid] for aid in rec.kept}
     recorder.kept |= kept
     mode.device.restore(rec.device_state)
-    return _StepRecord([ev for ev in forward if abs(ev) - 1 not in kept],
-                       [ev for ev in backward if abs(ev) - 1 not in kept], grads, True)
+    return _StepRecord([ev for ev in step.forward if abs(ev) - 1 not in kept],
+                       [ev for ev in step.backward if abs(ev) - 1 not in kept], step.grads, True)
 
 
 def _tag_optimizer_state(recorder: _Recorder, optimizer: Any, mode: _RecordingMode) -> None:
