@@ -29,6 +29,7 @@ so a plan never relies on a scaled guess.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -408,14 +409,16 @@ def optimizer_what_if(model: torch.nn.Module, device: str) -> Callable[[Training
         dtype = Precision.parse(precision).param_dtype
         return [(tuple(p.shape), dtype if dtype is not None and p.is_floating_point() else p.dtype) for p in trainable]
 
+    @functools.lru_cache(maxsize=None)
     def device_side(config: TrainingConfig) -> tuple[int, int, int]:
-        """(state, step scratch, unified bytes) of the configuration's optimizer on the device."""
+        """(state, step scratch, unified bytes) of the configuration's optimizer on the device; asked once
+        per configuration, however many traced ones it is compared with."""
         if config.optimizer_offload:
             return 0, 0, 0
         shapes = specs(config.precision)
         return (state_bytes(config.optimizer, shapes, impl, device=target, round_up=rnd),
                 step_transient_bytes(config.optimizer, shapes, impl, device=target, round_up=rnd),
-                unified_state_bytes(config.optimizer, shapes, impl, device=target) if target == "cuda" else 0)
+                unified_state_bytes(config.optimizer, shapes, impl, device=target))
 
     def comparable(config: TrainingConfig, other: TrainingConfig) -> bool:
         return (other.precision == config.precision and other.strategy == config.strategy
