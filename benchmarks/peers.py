@@ -53,16 +53,6 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 RULE_OF_THUMB_BYTES_PER_PARAM = 24
 
-REAL_OPTIMIZERS: dict[str, Callable[[list], torch.optim.Optimizer]] = {
-    # built the way a user would: torch's own defaults pick the implementation
-    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
-    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
-    "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-2),
-    "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
-    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-2),
-    "adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
-}
-
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 _TRUE_HALF = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
 _ACCELERATE_DTYPE = {"32-true": "float32", "32": "float32", "bf16-mixed": "bfloat16", "16-mixed": "float16",
@@ -255,6 +245,8 @@ def memtracker_peak(model: nn.Module, batch: Any, optimizer: str, precision: str
     """PyTorch's MemTracker around ``steps`` real training steps of a copy of the model on the CPU."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
+    from groundtruth import REAL_OPTIMIZERS, run_real_steps  # tests/: the same real steps as the ground truth
+
     if any(p.device.type == "meta" for p in model.parameters()):
         raise NotApplicable("MemTracker runs the real step here: needs a real model")
     if optimizer not in REAL_OPTIMIZERS:
@@ -280,22 +272,10 @@ def memtracker_peak(model: nn.Module, batch: Any, optimizer: str, precision: str
     tracker.track_external(net, *([opt] if opt is not None else []), *inputs)
     torch.manual_seed(0)
     with tracker:
-        for _step in range(steps):
-            for micro in range(accumulate):
-                ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
-                with ctx:
-                    loss = loss_fn(net, batch)
-                if zero_grad_before_backward and opt is not None and micro == 0:
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-                del loss
-                # MemTracker refuses a second forward of the root module unless its per-module stats are
-                # cleared first; the device-wide peak survives the reset.
-                tracker.reset_mod_stats()
-            if opt is not None:
-                opt.step()
-                if not zero_grad_before_backward:
-                    opt.zero_grad(set_to_none=True)
+        # MemTracker refuses a second forward of the root module unless its per-module stats are cleared
+        # first; the device-wide peak survives the reset.
+        run_real_steps(net, batch, loss_fn, opt, steps=steps, accumulate=accumulate, autocast_dtype=autocast,
+                       zero_grad_before_backward=zero_grad_before_backward, after_backward=tracker.reset_mod_stats)
     peak = tracker.get_tracker_snapshot("peak")
     return int(sum(v.get("Total", 0) for v in peak.values()))
 

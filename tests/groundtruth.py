@@ -49,6 +49,39 @@ def _allocation_totals(prof) -> list[tuple[int, int]]:
     return [(ev.extra_fields.alloc_size, ev.extra_fields.total_allocated) for ev in allocation_events(prof)]
 
 
+REAL_OPTIMIZERS = {
+    # the real optimizers, built the way a user would: torch's own defaults pick the implementation
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-2),
+    "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-2),
+    "adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
+}
+
+
+def run_real_steps(model, batch, loss_fn, opt, *, steps: int = 2, accumulate: int = 1,
+                   autocast_dtype: torch.dtype | None = None, zero_grad_before_backward: bool = False,
+                   after_backward=None) -> None:
+    """The real training steps, in the order the prediction assumes (Lightning's with
+    ``zero_grad_before_backward``): every measurement of a real step, ours or a peer tool's, runs this."""
+    for _ in range(steps):
+        for micro in range(accumulate):
+            ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+            with ctx:
+                loss = loss_fn(model, batch)
+            if zero_grad_before_backward and opt is not None and micro == 0:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            del loss
+            if after_backward is not None:
+                after_backward()
+        if opt is not None:
+            opt.step()
+            if not zero_grad_before_backward:
+                opt.zero_grad(set_to_none=True)
+
+
 def measure_peak(
     model: torch.nn.Module,
     batch,
@@ -77,19 +110,8 @@ def measure_peak(
     base = _storage_bytes(list(model.parameters()) + list(model.buffers()) + tree_flatten(batch)[0])
     torch.manual_seed(0)
     with autograd_profile(profile_memory=True, use_cpu=True) as prof:
-        for _ in range(steps):
-            for micro in range(accumulate):
-                ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-                with ctx:
-                    loss = loss_fn(model, batch)
-                if zero_grad_before_backward and opt is not None and micro == 0:
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-                del loss
-            if opt is not None:
-                opt.step()
-                if not zero_grad_before_backward:
-                    opt.zero_grad(set_to_none=True)
+        run_real_steps(model, batch, loss_fn, opt, steps=steps, accumulate=accumulate, autocast_dtype=autocast_dtype,
+                       zero_grad_before_backward=zero_grad_before_backward)
     events = _allocation_totals(prof)
     if not events:
         return base

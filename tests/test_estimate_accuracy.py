@@ -7,17 +7,8 @@ import torch
 
 import memguard
 from memguard import checkpointing
-from groundtruth import measure_peak
+from groundtruth import REAL_OPTIMIZERS, measure_peak
 from zoo import CASES, Case
-
-# The real optimizers, built the way a user would (torch's own defaults pick the implementation).
-REAL_OPTIMIZERS = {
-    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
-    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
-    "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
-    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-2),
-    "adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
-}
 
 HALF = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 TRUE_HALF = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
