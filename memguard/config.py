@@ -43,6 +43,7 @@ from memguard.guard import first_optimizer
 from memguard.plan import DEFAULT_MARGIN, KNOBS, Plan, TrainingConfig, batch_size_of, estimator, plan, required_bytes
 from memguard.precision import Precision
 from memguard.quantization import QuantScheme
+from memguard.trace import TRACED_MICRO_BATCHES
 
 # ---------------------------------------------------------------------------------------------------------
 # Errors
@@ -1313,12 +1314,6 @@ def run_check(spec: CheckSpec, targets: Sequence[Target] | None = None) -> Check
     return CheckResult(spec, results, notes, parameters=sum(p.numel() for p in params),
                        trainable=sum(p.numel() for p in params if p.requires_grad))
 
-
-TRACED_MICRO_BATCHES = 2
-"""Gradient accumulation is traced with at most this many micro-batches per step: the first creates the
-gradients, the second runs with them alive, and every later one repeats the second exactly (same live
-tensors, same operations), so the peak is the same and a check of accumulate_grad_batches=64 costs no more
-than one of 2."""
 
 
 def _evaluator(spec: CheckSpec, model: nn.Module, gpu: Any) -> Callable[[TrainingConfig], Estimate]:

@@ -22,7 +22,7 @@ from memguard.errors import InvalidArgumentError, TraceError
 from memguard.optimizers import ShapeOnlyOptimizer, adam_like_bound, make_factory
 from memguard.precision import Precision
 from memguard.quantization import QuantScheme, quantize_linears, replace_bnb_layers
-from memguard.trace import StepProgram, Trace, TraceCache, default_loss_fn, trace_training
+from memguard.trace import TRACED_MICRO_BATCHES, StepProgram, Trace, TraceCache, default_loss_fn, trace_training
 
 TIMELINE_POINTS = 400
 """How many points the timeline keeps: enough for a plot, small enough to ship in JSON."""
@@ -203,7 +203,7 @@ def estimate(
     reuse: dict[str, Any] = {}
     if trace_cache is not None:
         key = (id(model), _batch_key(batch), str(prec), gradient_checkpointing, quantization, _device_key(dev),
-               loss_fn, prepare_model, zero_grad_before_backward, min(accumulate_grad_batches, 2),
+               loss_fn, prepare_model, zero_grad_before_backward, min(accumulate_grad_batches, TRACED_MICRO_BATCHES),
                tuple(id(obj) for obj in shared))
         reuse["reuse"] = trace_cache.slot(key)
     tracer = _tracer or trace_training

@@ -355,6 +355,13 @@ def default_loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
     return loss
 
 
+TRACED_MICRO_BATCHES = 2
+"""Gradient accumulation is traced with at most this many micro-batches per step: the first creates the
+gradients, the second runs with them alive, and every later one repeats the second exactly (same live
+tensors, same operations), so the peak is the same and a check of accumulate_grad_batches=64 costs no more
+than one of 2."""
+
+
 @dataclass
 class StepProgram:
     """How one training step is driven, so the trace runs the same code as the real loop.
@@ -447,7 +454,7 @@ def run_steps(
     for step in range(1, program.steps + 1):
         # Micro-batches after the second repeat it exactly (gradients exist, each backward accumulates into
         # them), so two are traced: the peak of any longer accumulation is the same.
-        for micro in range(min(program.accumulate, 2)):
+        for micro in range(min(program.accumulate, TRACED_MICRO_BATCHES)):
             label = f"step{step}" if program.accumulate == 1 else f"step{step}.micro{micro + 1}"
             zero_first = program.zero_grad_before_backward and micro == 0
             recorded = reuse.recording if reuse is not None and program.accumulate == 1 else None
@@ -669,7 +676,8 @@ def _recording(record: _StepRecord, params: list[nn.Parameter], recorder: _Recor
     )
 
 
-def _replay_recording(rec: Recording, label, params, optimizer, zero_first, recorder, mode) -> _StepRecord:  # noqa: ANN001
+def _replay_recording(rec: Recording, label, params, optimizer, zero_first, recorder,  # noqa: ANN001
+                      mode) -> _StepRecord:  # noqa: ANN001
     """Step 1's forward and backward from another trace's recording; returns the step's record in this
     trace's ids, so later steps replay it as usual."""
     grads = [(params[i], aid, shape, stride, dtype) for i, aid, shape, stride, dtype in rec.grads]
