@@ -38,7 +38,6 @@ from memguard.guard import (
     optimizer_factory,
     optimizers_available,
     parse_bytes,
-    rebuild_optimizer,
     repoint_scheduler,
 )
 from memguard.optimizers import CATALOG
@@ -348,13 +347,14 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         self.applied = target
 
     def _swap_optimizers(self, trainer: Any, name: str) -> None:
-        from memguard.optimizers import real_class
+        from memguard.optimizers import swap_plan
 
-        cls = real_class(name)
+        swap = swap_plan(name)
+        cls = swap.cls
         strategy = trainer.strategy
         new_list = []
         for old in strategy.optimizers:
-            new = rebuild_optimizer(old, cls)
+            new = swap.build(old)
             for config in strategy.lr_scheduler_configs:
                 if config.scheduler.optimizer is old:
                     repoint_scheduler(config.scheduler, new)

@@ -6,7 +6,6 @@ This is an edge module (it reads NVML and host memory); the estimate and the pla
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -161,7 +160,7 @@ class Decision:
         Mixed precision is applied by running the forward under :meth:`autocast`; the micro-batch size and
         accumulation steps are :attr:`micro_batch_size` and :attr:`accumulate_grad_batches`."""
         from memguard import checkpointing
-        from memguard.optimizers import real_class
+        from memguard.optimizers import rebuild_optimizer
         from memguard.precision import Precision
 
         chosen = self.chosen
@@ -171,7 +170,7 @@ class Decision:
         if dtype is not None and chosen.precision != self.config.precision:
             model = model.to(dtype)
         if optimizer is not None and chosen.optimizer != self.config.optimizer:
-            optimizer = rebuild_optimizer(optimizer, real_class(chosen.optimizer))
+            optimizer = rebuild_optimizer(optimizer, chosen.optimizer)
         return model, optimizer
 
     def __str__(self) -> str:
@@ -325,9 +324,10 @@ def catalog_name(optimizer: torch.optim.Optimizer) -> str | None:
 def optimizers_available() -> tuple[str, ...]:
     """The memory-saving optimizers the planner may switch to here (their library imports)."""
     from memguard.optimizers import CATALOG
+    from memguard.plan import OPTIMIZER_CHOICES
 
     found = []
-    for name in ("adamw8bit", "ao_adamw8bit", "ao_adamw4bit", "adafactor"):
+    for name in OPTIMIZER_CHOICES:
         row = CATALOG.get(name)
         if row is None:
             continue
@@ -337,14 +337,6 @@ def optimizers_available() -> tuple[str, ...]:
             continue
         found.append(name)
     return tuple(found)
-
-
-def rebuild_optimizer(old: torch.optim.Optimizer, cls: type) -> torch.optim.Optimizer:
-    """The same parameter groups and shared hyperparameters (lr, betas, weight decay, scheduler keys)
-    under another optimizer class; keys the new class does not take are dropped."""
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    groups = [{k: v for k, v in g.items() if k in ("params", "initial_lr") or k in accepted} for g in old.param_groups]
-    return cls(groups)
 
 
 def repoint_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -51,6 +51,8 @@ margin")."""
 
 _ADAM_FAMILY = ("adam", "adamw")
 _OPTIMIZER_COST = {"adamw8bit": 2.0, "ao_adamw8bit": 2.0, "ao_adamw4bit": 3.0, "adafactor": 4.0}
+OPTIMIZER_CHOICES = tuple(_OPTIMIZER_COST)
+"""The optimizers the optimizer knob may switch an Adam-family run to, cheapest first."""
 _OPTIMIZER_WHY = {
     "adamw8bit": "8-bit AdamW (bitsandbytes) quantizes the moments; numerics change slightly",
     "ao_adamw8bit": "8-bit AdamW (torchao) quantizes the moments; numerics change slightly",

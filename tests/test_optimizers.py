@@ -18,6 +18,7 @@ from groundtruth import measure_peak
 from memguard import Category, InvalidArgumentError
 from memguard import optimizers as O
 from memguard.device import DeviceModel, device_model
+from memguard.plan import OPTIMIZER_CHOICES
 from memguard.trace import StepProgram, trace_training
 
 # Sizes that exercise every rule: under 4096 elements (bitsandbytes keeps 32-bit state, torchao a plain
@@ -375,6 +376,49 @@ def test_swap_plan_rebuilds_over_the_old_groups() -> None:
     run_real_step(new, params)
     momentum = O.swap_plan("sgd_momentum").build(old)
     assert momentum.param_groups[0]["momentum"] == 0.9 and momentum.param_groups[0]["lr"] == 3e-4
+
+
+PLANNER_OPTIMIZERS = OPTIMIZER_CHOICES
+"""Every optimizer the planner can switch a run to: each swap must survive real training steps."""
+
+
+@pytest.mark.parametrize("name", PLANNER_OPTIMIZERS)
+def test_every_planner_swap_trains_and_keeps_what_means_the_same(name: str) -> None:
+    if not O.available(name):
+        pytest.skip(f"{name} is not installed")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 128), nn.GELU(), nn.Linear(128, 64))  # 8-bit state from 4096 elements
+    old = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1,
+                            amsgrad=True, foreach=False)
+    scheduler = torch.optim.lr_scheduler.StepLR(old, step_size=1, gamma=0.5)  # adds initial_lr to the groups
+    new = O.rebuild_optimizer(old, name)
+    group = new.param_groups[0]
+    assert group["params"] == list(model.parameters())
+    assert float(group["lr"]) == pytest.approx(3e-4) and group["weight_decay"] == 0.1 and group["initial_lr"] == 3e-4
+    assert "amsgrad" not in group or group["amsgrad"] is False  # a feature of AdamW, not carried over
+    if "betas" in group:
+        assert tuple(group["betas"]) == (0.8, 0.95)
+    if isinstance(group.get("eps"), float):
+        assert group["eps"] == 1e-6
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        loss = model(torch.randn(16, 96)).pow(2).mean()
+        loss.backward()
+        new.step()
+        new.zero_grad(set_to_none=True)
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert new.state  # the new class keeps its own state
+    del scheduler
+
+
+def test_adafactor_keeps_its_own_pair_of_eps() -> None:
+    """AdamW's eps is a float, torch.optim.Adafactor's a pair: carried over, the first step would fail."""
+    params = [nn.Parameter(torch.randn(32, 32))]
+    new = O.rebuild_optimizer(torch.optim.AdamW(params, eps=1e-8), "adafactor")
+    assert isinstance(new, torch.optim.Adafactor) and isinstance(new.param_groups[0]["eps"], tuple)
+    params[0].grad = torch.randn(32, 32)
+    new.step()
 
 
 def test_missing_library_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
