@@ -1,16 +1,23 @@
 """``memguard check``'s input: a config file -> a validated :class:`CheckSpec`; and the check itself.
 
-Three kinds of file are accepted:
+These inputs are accepted:
 
 - memguard's own YAML (every key it reads is in :data:`SCHEMA`, with what it means);
 - a LightningCLI ``fit`` config (``model``/``data``/``optimizer`` as ``{class_path, init_args}``): the model
   class is imported and built on the meta device; the example batch is a ``memguard.example_batch``, or the
   module's ``example_input_array`` resized by the data module's ``batch_size`` / ``seq_len`` / ``image_size``;
-- a transformers ``config.json`` given directly (built with the matching ``AutoModel`` class on meta).
+- a transformers ``config.json`` given directly (built with the matching ``AutoModel`` class on meta);
+- a Hugging Face Hub id instead of a file: its ``config.json`` from the local cache, else the preset of
+  that name (:mod:`memguard.hub`; nothing is downloaded).
 
-Files are read with OmegaConf (safe YAML, ``${...}`` interpolation) and ``--set key=value`` overrides are
-merged before validation. Every problem found is collected and raised at once as one :class:`ConfigError`
-naming the file and key of each. Nothing in a config is evaluated as code: importing a ``class_path`` (and
+A DeepSpeed JSON config named by ``trainer.strategy`` sets the strategy and fills the micro-batch,
+accumulation and precision the YAML leaves out (:data:`DEEPSPEED_KEYS`); a value both give differently is
+a problem naming both keys.
+
+Files are read with OmegaConf (safe YAML, ``${...}`` interpolation); ``--set key=value`` overrides and the
+size and device flags are merged into the raw tree before interpolations are resolved, then validated.
+Every problem found is collected and raised at once as one :class:`ConfigError` naming the file and key of
+each. Nothing in a config is evaluated as code: importing a ``class_path`` (and
 running that class's constructor and ``configure_optimizers`` on the meta device) is the only code that runs.
 
 :func:`run_check` is the pure core of the command: spec + targets -> :class:`CheckResult`. It prints
@@ -35,7 +42,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from memguard import gpus as local_gpus
-from memguard import optimizers, presets
+from memguard import hub, optimizers, presets
 from memguard.errors import InvalidArgumentError, MemguardError, closest, unknown_name
 from memguard.estimate import Estimate
 from memguard.gpu_catalog import CatalogGPU, lookup, match_device
@@ -93,11 +100,17 @@ class _Problems:
     @contextlib.contextmanager
     def from_command_line(self) -> Iterator[None]:
         """Problems added meanwhile are about command-line options, not the file."""
-        file, self.file = self.file, COMMAND_LINE
+        with self.in_file(COMMAND_LINE):
+            yield
+
+    @contextlib.contextmanager
+    def in_file(self, file: str) -> Iterator[None]:
+        """Problems added meanwhile are about another file (a DeepSpeed JSON the config points to)."""
+        saved, self.file = self.file, file
         try:
             yield
         finally:
-            self.file = file
+            self.file = saved
 
     def raise_if_any(self) -> None:
         if self.items:
@@ -134,7 +147,7 @@ SCHEMA: dict[str, dict[str, str]] = {
         "accumulate_grad_batches": "micro-batches per optimizer step",
         "devices": "devices per node (an int, a list of indices or 'auto')",
         "num_nodes": "nodes",
-        "strategy": "Lightning's strategy name or {class_path: ...}",
+        "strategy": "Lightning's strategy name, {deepspeed_config: ...} or {class_path: ...} (STRATEGY_KEYS)",
     },
     "lora": {
         "r": "LoRA rank",
@@ -151,6 +164,13 @@ SCHEMA: dict[str, dict[str, str]] = {
     },
 }
 """Every key memguard reads, per section, with what it means."""
+
+OPTIMIZER_KEYS = {
+    "name": "a catalog optimizer (memguard.optimizers); the mapping's other keys are its hyperparameters",
+    "class_path": "a torch.optim.Optimizer class (catalog classes are recognised)",
+    "init_args": "its keyword arguments",
+}
+"""The keys of an ``optimizer:`` mapping (a string names a catalog optimizer directly)."""
 
 TOP_LEVEL = ("model", "data", "optimizer", "trainer", "gpu", "lora", "quantization", "memguard",
              "lr_scheduler", "seed_everything", "ckpt_path")
@@ -192,6 +212,33 @@ STRATEGIES = DDP_LIKE + SHARDED
 
 _STRATEGY_CLASSES = {"DDPStrategy": "ddp", "FSDPStrategy": "fsdp", "DeepSpeedStrategy": "deepspeed",
                      "SingleDeviceStrategy": "single_device", "ModelParallelStrategy": "model_parallel"}
+
+STRATEGY_KEYS = {
+    "deepspeed_config": "a DeepSpeed JSON config (path relative to the config file, or a mapping)",
+    "class_path": "a Lightning strategy class (DDPStrategy, FSDPStrategy, DeepSpeedStrategy ...)",
+    "init_args": "its arguments; DeepSpeedStrategy's config (a JSON path or a mapping), stage, offload_optimizer "
+                 "and offload_parameters are read",
+}
+"""The keys of a ``trainer.strategy`` mapping (a string names a strategy directly)."""
+
+DEEPSPEED_STRATEGY_ARGS = ("config", "stage", "offload_optimizer", "offload_parameters")
+"""``DeepSpeedStrategy`` arguments memguard reads; the others do not change what it models."""
+
+DEEPSPEED_KEYS = {
+    "zero_optimization.stage": "ZeRO stage: 1, 2, 3 -> deepspeed_stage_1/2/3; 0 shards nothing (modelled as ddp)",
+    "zero_optimization.offload_optimizer.device": "cpu or nvme: optimizer state off the GPU "
+                                                  "(deepspeed_stage_2_offload; with offload_param at stage 3, "
+                                                  "deepspeed_stage_3_offload)",
+    "zero_optimization.offload_param.device": "cpu or nvme: stage-3 parameters off the GPU",
+    "train_micro_batch_size_per_gpu": "samples per micro-batch: the batch size, when the config gives none",
+    "gradient_accumulation_steps": "trainer.accumulate_grad_batches, when the config gives none",
+    "bf16.enabled": "true: bf16-mixed, when trainer.precision is not given",
+    "fp16.enabled": "true: 16-mixed, when trainer.precision is not given",
+}
+"""What memguard reads from a DeepSpeed JSON config; a value that disagrees with the YAML is an error."""
+
+_ZERO_STAGES = (0, 1, 2, 3)
+_OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 _DTYPES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -304,26 +351,73 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), options:
     """
     path = Path(path)
     problems = _Problems(str(path))
-    raw = _read(path, overrides, problems)
+    notes: list[str] = []
+    hub_model = _hub_model(os.fspath(path), problems, notes)
+    base = None if hub_model is None else _hub_base(hub_model)
+    found_nowhere = hub_model is not None and base is None  # already reported
+    raw = None if found_nowhere else _read(path, overrides, problems, _option_overrides(options), notes, base=base)
     if raw is None:  # unreadable: nothing more can be checked in the file; the options still can
         _Loader(path, {}, "native", problems, options).options()
         problems.raise_if_any()
-    kind = "hf-config" if path.suffix.lower() == ".json" else _kind(raw)
-    spec = _Loader(path, raw, kind, problems, options).load()
+    if hub_model is not None:
+        kind = "native" if hub_model.config_json is None else "hf-config"
+    else:
+        kind = "hf-config" if path.suffix.lower() == ".json" else _kind(raw)
+    loader = _Loader(path, raw, kind, problems, options)
+    loader.notes.extend(notes)
+    if hub_model is not None:
+        loader.source_label = hub_model.repo_id
+    spec = loader.load()
     problems.raise_if_any()
     assert spec is not None  # every path that returns None reported a problem
     return spec
 
 
-def _read(path: Path, overrides: Sequence[str], problems: _Problems) -> dict[str, Any] | None:
+def _hub_model(text: str, problems: _Problems, notes: list[str]) -> hub.HubModel | None:
+    """A CONFIG argument that is no file but a Hugging Face Hub id, resolved offline (:mod:`memguard.hub`);
+    None for a path. An id found nowhere is reported as the file's problem."""
+    if not hub.looks_like_hub_id(text):
+        return None
+    try:
+        found = hub.resolve(text)
+    except InvalidArgumentError as exc:
+        problems.add("", str(exc))
+        return hub.HubModel(text)
+    if found.config_json is not None:
+        notes.append(f"{text}: config.json from the Hugging Face cache ({found.config_json})")
+    else:
+        notes.append(f"{text}: not in the Hugging Face cache ({hub.cache_dir()}): memguard's preset "
+                     f"{found.preset!r}, the published architecture")
+    return found
+
+
+def _hub_base(found: hub.HubModel) -> dict[str, Any] | None:
+    """The config a Hub id stands for: its cached config.json, or its preset (None: found nowhere)."""
+    if found.config_json is not None:
+        return {"model": {"hf_config": str(found.config_json)}}
+    if found.preset is not None:
+        return {"model": {"preset": found.preset}}
+    return None
+
+
+def _read(path: Path, overrides: Sequence[str], problems: _Problems, options: Mapping[str, int] = {},
+          notes: list[str] | None = None, base: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """The file merged with the overrides, interpolations resolved, as plain Python data; None when the
-    file cannot be read at all. Broken overrides and interpolations are reported and left out."""
+    file cannot be read at all. Broken overrides and interpolations are reported and left out.
+
+    Every override (``--set``, then the command-line sizes and device counts in ``options``) is written into
+    the raw tree before any interpolation is resolved, and memguard's data sizes are mirrored into the data
+    module's own arguments (:func:`_mirror_data_sizes`): a model argument such as
+    ``${data.init_args.seq_len}`` then follows ``--set data.seq_len=8192`` like the batch does, instead of
+    leaving a 512-position model to be traced on 8192-token batches."""
     from omegaconf import DictConfig, OmegaConf
 
-    if not path.is_file():
+    if base is not None:
+        cfg = OmegaConf.create(dict(base))
+    elif not path.is_file():
         problems.add("", "no such file" if not path.exists() else "not a file")
         return None
-    if path.suffix.lower() == ".json":
+    elif path.suffix.lower() == ".json":
         cfg = OmegaConf.create({"model": {"hf_config": str(path)}})
     else:
         try:
@@ -335,22 +429,97 @@ def _read(path: Path, overrides: Sequence[str], problems: _Problems) -> dict[str
             problems.add("", "the top level must be a mapping of sections (model:, data:, trainer: ...)")
             return None
     for item in overrides:
-        key, sep, _ = item.partition("=")
+        key, sep, value = item.partition("=")
         try:
             if not sep or not key.strip():
                 with problems.from_command_line():
                     problems.add("--set", f"{item!r} is not KEY=VALUE (e.g. trainer.precision=bf16-mixed)")
                 continue
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{_override_key(cfg, key.strip())}={value}"]))
         except Exception as exc:  # noqa: BLE001 - OmegaConf and YAML errors about the value alike
             message = _yaml_problem(exc)[1] if hasattr(exc, "problem_mark") else _first_line(exc)
             with problems.from_command_line():
                 problems.add("--set", f"{item!r}: {message}")
+    for key, number in options.items():
+        OmegaConf.update(cfg, _override_key(cfg, key), number, merge=True, force_add=True)
+    mirrored = _mirror_data_sizes(cfg)
+    if notes is not None:
+        notes.extend(mirrored)
     resolved = _resolve(cfg, "", problems)
     if isinstance(resolved.get("fit"), dict):  # LightningCLI's `--config` file for the whole CLI
         inner = resolved.pop("fit")
         resolved = _deep_merge(inner, resolved)
     return resolved
+
+
+_OPTION_KEYS = {"batch_size": "data.batch_size", "seq_len": "data.seq_len", "image_size": "data.image_size",
+                "devices": "trainer.devices", "num_nodes": "trainer.num_nodes"}
+"""Command-line options that replace a config key, and that key."""
+
+
+def _option_overrides(options: Options) -> dict[str, int]:
+    """The command-line sizes and device counts as config overrides, so interpolations follow them too.
+    Only valid values are written: an invalid one is reported under its flag by the loader, once."""
+    out = {}
+    for name, key in _OPTION_KEYS.items():
+        value = getattr(options, name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            out[key] = value
+    return out
+
+
+def _override_key(cfg: Any, key: str) -> str:
+    """Where an override lands: in a LightningCLI file that wraps everything in ``fit:``, a key that is not
+    at the top level goes inside ``fit``, where the interpolations that read it point."""
+    head = key.split(".", 1)[0]
+    fit = cfg.get("fit") if hasattr(cfg, "get") else None
+    if head == "fit" or head in cfg or not hasattr(fit, "keys"):
+        return key
+    return f"fit.{key}"
+
+
+def _mirror_data_sizes(cfg: Any) -> list[str]:
+    """memguard's own ``data.batch_size`` / ``seq_len`` / ``image_size``, where a LightningCLI data module
+    takes the same size under its own name (``data.init_args.seq_len``, ``block_size`` ...), replace that
+    argument in the unresolved tree, so that the model arguments interpolating it are built at the size
+    the batch has. Returns what was replaced, in words."""
+    from omegaconf import DictConfig
+
+    fit = cfg.get("fit")
+    nodes = [n for n in (fit.get("data") if isinstance(fit, DictConfig) else None, cfg.get("data"))
+             if isinstance(n, DictConfig)]
+    notes = []
+    for size, aliases in _DATA_HINTS.items():
+        values = [_literal(node, size) for node in nodes]
+        value = next((v for v in reversed(values) if v is not None), None)  # the top level wins, as when merged
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        for node in nodes:
+            init = node.get("init_args") if "init_args" in node else None
+            if not isinstance(init, DictConfig):
+                continue
+            alias = next((a for a in aliases if a in init and not _is_null(init, a)), None)
+            before = None if alias is None else _literal(init, alias)
+            if alias is not None and before != value:
+                was = "an interpolation" if before is None else before
+                init[alias] = value
+                notes.append(f"data.{size} {value} also set as data.init_args.{alias} (was {was}), so the model "
+                             "arguments interpolated from it follow")
+    return notes
+
+
+def _literal(node: Any, key: str) -> Any:
+    """``node[key]`` when it is a plain value; None when it is missing, null or an interpolation."""
+    child = node._get_node(key) if key in node else None
+    if child is None or child._is_interpolation() or child._is_none():
+        return None
+    return child._value()
+
+
+def _is_null(node: Any, key: str) -> bool:
+    """Whether ``node[key]`` is null, without resolving an interpolation."""
+    child = node._get_node(key)
+    return child is None or (not child._is_interpolation() and child._is_none())
 
 
 def _yaml_problem(exc: Exception) -> tuple[str, str]:
@@ -460,6 +629,13 @@ class _Loader:
         self.problems = problems
         self.opts = options
         self.notes: list[str] = []
+        self.deepspeed: dict[str, Any] | None = None
+        """A DeepSpeed JSON's training settings, for :meth:`apply_deepspeed`."""
+        self.size_keys: dict[str, str] = {}
+        """The key (or flag) each data size came from, to name it in a problem."""
+        self.trainer_section: dict[str, Any] = {}
+        self.source_label: str | None = None
+        """What the model came from, when not a file (a Hugging Face Hub id)."""
 
     # -- small validators ---------------------------------------------------------------------------------
 
@@ -536,6 +712,7 @@ class _Loader:
         model_section = self.section("model")
         data = self.data_hints()
         trainer = self.trainer()
+        self.apply_deepspeed(data, trainer, self.trainer_section)
         lora = self.lora()
         quantization = self.quantization()
         mg = self.memguard()
@@ -561,6 +738,8 @@ class _Loader:
         sizes: dict[str, int | None] = {k: None for k in _DATA_HINTS}
         for key in sizes:
             sizes[key] = self.positive_int(f"data.{key}", data.get(key))
+            if sizes[key] is not None:
+                self.size_keys[key] = f"data.{key}"
         if "class_path" in data:
             self.cls("data.class_path", data["class_path"])
             init = data.get("init_args") or {}
@@ -571,6 +750,7 @@ class _Loader:
                 found = next((a for a in aliases if init.get(a) is not None), None)
                 if found is not None and sizes[key] is None:
                     sizes[key] = self.positive_int(f"data.init_args.{found}", init[found])
+                    self.size_keys[key] = f"data.init_args.{found}"
         elif data.get("init_args") is not None:
             self.problems.add("data.init_args", "needs data.class_path")
         for key in sizes:
@@ -578,6 +758,7 @@ class _Loader:
             if value is not None:
                 with self.problems.from_command_line():
                     sizes[key] = self.positive_int(f"--{key.replace('_', '-')}", value)
+                self.size_keys[key] = f"--{key.replace('_', '-')}"
         return sizes
 
     def trainer(self) -> dict[str, Any]:
@@ -596,6 +777,7 @@ class _Loader:
         out["devices"] = self.devices("trainer.devices", trainer.get("devices"))
         out["num_nodes"] = self.positive_int("trainer.num_nodes", trainer.get("num_nodes")) or 1
         out["strategy"] = self.strategy(trainer.get("strategy"))
+        self.trainer_section = trainer
         accelerator = trainer.get("accelerator")
         if isinstance(accelerator, str) and accelerator.lower() in ("cpu", "tpu", "mps", "hpu"):
             self.notes.append(f"trainer.accelerator is {accelerator!r}; memguard check predicts CUDA GPU memory")
@@ -619,13 +801,21 @@ class _Loader:
         return _MISSING if count is None else count
 
     def strategy(self, value: Any) -> str:
+        """A strategy name, ``{deepspeed_config: ...}`` or ``{class_path, init_args}``; a DeepSpeed JSON's
+        training settings are kept in ``self.deepspeed`` for :meth:`apply_deepspeed`."""
         key = "trainer.strategy"
         if value is None:
             return "auto"
         if isinstance(value, dict):
+            self.unknown_keys(key, value, STRATEGY_KEYS)
+            if "deepspeed_config" in value:
+                if "class_path" in value:
+                    self.problems.add(key, "give either deepspeed_config or class_path, not both")
+                    return "auto"
+                return self.deepspeed_strategy(value["deepspeed_config"], f"{key}.deepspeed_config", {})
             path = value.get("class_path")
             if not isinstance(path, str):
-                self.problems.add(key, "a strategy mapping needs class_path")
+                self.problems.add(key, "a strategy mapping needs class_path or deepspeed_config")
                 return "auto"
             short = path.rpartition(".")[2]
             name = _STRATEGY_CLASSES.get(short)
@@ -633,12 +823,193 @@ class _Loader:
                 self.problems.add(f"{key}.class_path", f"memguard does not know the strategy class {short!r}. "
                                                        f"Known: {', '.join(sorted(_STRATEGY_CLASSES))}.")
                 return "auto"
-            stage = (value.get("init_args") or {}).get("stage")
-            return f"deepspeed_stage_{stage}" if name == "deepspeed" and stage in (1, 2, 3) else name
+            init = value.get("init_args") or {}
+            if not isinstance(init, dict):
+                self.problems.add(f"{key}.init_args", f"must be a mapping, got {_show(init)}")
+                return "auto"
+            if name != "deepspeed":
+                return name
+            if init.get("config") is not None:
+                return self.deepspeed_strategy(init["config"], f"{key}.init_args.config", init)
+            stage = init.get("stage", 2)
+            if stage not in _ZERO_STAGES or isinstance(stage, bool):
+                self.problems.add(f"{key}.init_args.stage", f"unknown ZeRO stage {_show(stage)}; DeepSpeed's "
+                                                            f"stages are {', '.join(map(str, _ZERO_STAGES))}")
+                return "auto"
+            offload = {"optimizer": bool(init.get("offload_optimizer")),
+                       "parameters": bool(init.get("offload_parameters"))}
+            return self.deepspeed_name(stage, offload, f"{key}.init_args")
         if not isinstance(value, str) or value not in STRATEGIES:
             self.problems.add(key, str(unknown_name("strategy", str(value), STRATEGIES)))
             return "auto"
         return value
+
+    # -- DeepSpeed JSON configs -----------------------------------------------------------------------------
+
+    def deepspeed_strategy(self, value: Any, key: str, init_args: Mapping[str, Any]) -> str:
+        """The strategy a DeepSpeed config (a JSON file or an inline mapping at ``key``) describes; its
+        micro-batch, accumulation and precision are kept for :meth:`apply_deepspeed`."""
+        if isinstance(value, str):
+            file = self.deepspeed_file(value, key)
+            if file is None:
+                return "auto"
+            config = self.deepspeed_json(file, key)
+            where = str(file)
+        elif isinstance(value, dict):
+            config, where, file = value, key, None
+        else:
+            self.problems.add(key, f"must be a path to a DeepSpeed JSON config or a mapping, got {_show(value)}")
+            return "auto"
+        if config is None:
+            return "auto"
+        sink = self.problems.in_file(str(file)) if file is not None else contextlib.nullcontext()
+        prefix = "" if file is not None else f"{key}."
+        with sink:
+            settings = self.deepspeed_settings(config, prefix)
+        if settings is None:
+            return "auto"
+        stage, offload = settings.pop("stage"), settings.pop("offload")
+        if "stage" in init_args and init_args["stage"] != stage:
+            self.problems.add(key.rpartition(".")[0] + ".stage",
+                              f"{_show(init_args['stage'])} conflicts with {where}: zero_optimization.stage is "
+                              f"{stage} (DeepSpeed uses the config's); make them agree or drop one")
+            return "auto"
+        self.deepspeed = {**settings, "source": where}
+        return self.deepspeed_name(stage, offload, where)
+
+    def deepspeed_file(self, value: str, key: str) -> Path | None:
+        """The JSON file: relative to the config file, else to the working directory (where Lightning,
+        which opens the path as given, would look)."""
+        given = Path(value).expanduser()
+        candidates = [given] if given.is_absolute() else [self.dir / given, given]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            self.problems.add(key, f"no such file: {candidates[0]}" + (
+                f" (nor {candidates[1]} in the working directory)" if len(candidates) > 1 and
+                candidates[1] != candidates[0] else ""))
+        return found
+
+    def deepspeed_json(self, file: Path, key: str) -> dict[str, Any] | None:
+        try:
+            content = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            self.problems.add(key, f"cannot read {file}: {exc}")
+            return None
+        except json.JSONDecodeError as exc:
+            self.problems.add(key, f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}")
+            return None
+        if not isinstance(content, dict):
+            self.problems.add(key, f"{file} must hold a JSON object (DeepSpeed's config), got {_show(content)}")
+            return None
+        return content
+
+    def deepspeed_settings(self, config: Mapping[str, Any], prefix: str) -> dict[str, Any] | None:
+        """Read :data:`DEEPSPEED_KEYS` from a DeepSpeed config; problems name the key (DeepSpeed's
+        ``"auto"``, as the transformers integration writes it, counts as not given)."""
+        def given(value: Any) -> Any:
+            return None if value == "auto" else value
+
+        zero = config.get("zero_optimization") or {}
+        if not isinstance(zero, dict):
+            self.problems.add(f"{prefix}zero_optimization", f"must be a mapping, got {_show(zero)}")
+            return None
+        stage = given(zero.get("stage", 0))
+        if stage is None:
+            stage = 0
+        if isinstance(stage, bool) or stage not in _ZERO_STAGES:
+            self.problems.add(f"{prefix}zero_optimization.stage", f"unknown ZeRO stage {_show(stage)}; DeepSpeed's "
+                                                                  f"stages are {', '.join(map(str, _ZERO_STAGES))}")
+            return None
+        offload = {}
+        for what, name in (("optimizer", "offload_optimizer"), ("parameters", "offload_param")):
+            section = zero.get(name) or {}
+            device = section.get("device", "none") if isinstance(section, dict) else section
+            device = "none" if device is None else device
+            if not isinstance(device, str) or device.lower() not in _OFFLOAD_DEVICES:
+                self.problems.add(f"{prefix}zero_optimization.{name}.device",
+                                  str(unknown_name("offload device", str(device), _OFFLOAD_DEVICES)))
+                return None
+            offload[what] = device.lower() != "none"
+        micro = self.positive_int(f"{prefix}train_micro_batch_size_per_gpu",
+                                  given(config.get("train_micro_batch_size_per_gpu")))
+        steps = self.positive_int(f"{prefix}gradient_accumulation_steps",
+                                  given(config.get("gradient_accumulation_steps")))
+        enabled = {}
+        for family, names in (("bf16", ("bf16", "bfloat16")), ("16", ("fp16",))):
+            section = next((config[n] for n in names if n in config), None)
+            flag = given(section.get("enabled")) if isinstance(section, dict) else None
+            if flag is not None:
+                enabled[family] = self.boolean(f"{prefix}{names[0]}.enabled", flag)
+        if enabled.get("bf16") and enabled.get("16"):
+            self.problems.add(f"{prefix}bf16.enabled", "bf16 and fp16 are both enabled; DeepSpeed allows one")
+            return None
+        return {"stage": stage, "offload": offload, "micro_batch": micro, "accumulation": steps, "precision": enabled}
+
+    def deepspeed_name(self, stage: int, offload: Mapping[str, bool], where: str) -> str:
+        """memguard's strategy name for a ZeRO stage and its offloads; where none matches exactly, the
+        nearest that does not predict too little, with a note."""
+        if stage == 0:
+            self.notes.append(f"{where}: ZeRO stage 0 shards nothing: modelled as DDP (a full replica per GPU)")
+            return "ddp"
+        if stage == 3 and offload["optimizer"] and offload["parameters"]:
+            return "deepspeed_stage_3_offload"
+        if stage == 2 and offload["optimizer"]:
+            name = "deepspeed_stage_2_offload"
+        else:
+            name = f"deepspeed_stage_{stage}"
+        ignored = [w for w, on in offload.items() if on and not (name.endswith("_offload") and w == "optimizer")]
+        if ignored:
+            self.notes.append(f"{where}: offloading the {' and '.join(ignored)} at ZeRO stage {stage} has no memguard "
+                              f"model: predicted as {name}, with them on the GPU (an upper bound)")
+        return name
+
+    def apply_deepspeed(self, data: dict[str, int | None], trainer: dict[str, Any], section: Mapping[str, Any]) -> None:
+        """Merge a DeepSpeed JSON's micro-batch, accumulation and precision with the config's: the JSON
+        fills what the config leaves out, and a value both give differently is an error naming both keys
+        (the command-line --batch-size still wins, as it does over the file)."""
+        ds = self.deepspeed
+        if ds is None:
+            return
+        where = ds["source"]
+
+        def conflict(key: str, mine: Any, theirs: str) -> None:
+            self.problems.add(key, f"{_show(mine)} conflicts with {where}: {theirs}; make them agree or drop one")
+
+        micro = ds["micro_batch"]
+        if micro is not None:
+            source = self.size_keys.get("batch_size")
+            if data["batch_size"] is None:
+                data["batch_size"] = micro
+                self.notes.append(f"batch size {micro}: train_micro_batch_size_per_gpu from {where}")
+            elif source and source.startswith("--"):
+                if data["batch_size"] != micro:
+                    self.notes.append(f"{source} {data['batch_size']} replaces train_micro_batch_size_per_gpu "
+                                      f"{micro} from {where}")
+            elif data["batch_size"] != micro:
+                conflict(source or "data.batch_size", data["batch_size"], f"train_micro_batch_size_per_gpu is {micro}")
+        steps = ds["accumulation"]
+        if steps is not None:
+            if section.get("accumulate_grad_batches") is None:
+                trainer["accumulate_grad_batches"] = steps
+            elif trainer["accumulate_grad_batches"] != steps:
+                conflict("trainer.accumulate_grad_batches", trainer["accumulate_grad_batches"],
+                         f"gradient_accumulation_steps is {steps}")
+        families = ds["precision"]
+        on = next((f for f, flag in families.items() if flag), None)
+        if section.get("precision") is None:
+            if on is not None:
+                trainer["precision"] = "bf16-mixed" if on == "bf16" else "16-mixed"
+                self.notes.append(f"precision {trainer['precision']}: {'bf16' if on == 'bf16' else 'fp16'}.enabled "
+                                  f"in {where}")
+            return
+        precision = trainer["precision"]
+        if precision is None:
+            return  # an invalid precision, already reported
+        mine = "bf16" if precision.startswith("bf16") else "16" if precision.startswith("16") else "32"
+        if on is not None and mine != on:
+            conflict("trainer.precision", precision, f"{'bf16' if on == 'bf16' else 'fp16'}.enabled is true")
+        elif on is None and families.get(mine) is False:
+            conflict("trainer.precision", precision, f"{'bf16' if mine == 'bf16' else 'fp16'}.enabled is false")
 
     def lora(self) -> LoraSpec | None:
         lora = self.raw.get("lora")
@@ -806,7 +1177,7 @@ class _Loader:
             self.problems.add("optimizer", f"must be a name or a mapping, got {_show(value)}")
             return None
         if "class_path" in value:
-            self.unknown_keys("optimizer", value, ("class_path", "init_args"))
+            self.unknown_keys("optimizer", value, ("class_path", "init_args"))  # OPTIMIZER_KEYS' class form
             kwargs = value.get("init_args") or {}
             if not isinstance(kwargs, dict):
                 self.problems.add("optimizer.init_args", f"must be a mapping, got {_show(kwargs)}")
@@ -964,7 +1335,7 @@ class _Loader:
                 self.problems.add(key, f"transformers has no causal-LM class for model_type {model_type!r}; "
                                        f"add \"architectures\": [\"...\"] to {file}")
                 return None, None, None
-        label = f"{cls.__name__} from {file.name}"
+        label = f"{cls.__name__} from {self.source_label or file.name}"
         batch = given if given is not None else self.hf_batch(cls.__name__, config, data)
 
         def build() -> nn.Module:
