@@ -26,7 +26,6 @@ import json
 import os
 import sys
 import traceback
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
@@ -96,6 +95,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Predict the peak GPU memory of a training run before it starts.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action=_VersionAction, help="print memguard's version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gpus = commands.add_parser("gpus", help="list the GPUs this process can use, or the GPU catalog",
@@ -104,13 +104,22 @@ def _build_parser() -> argparse.ArgumentParser:
     gpus.add_argument("--catalog", action="store_true", help="list the GPU models memguard knows offline")
     gpus.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    presets = commands.add_parser("presets", help="list the model presets memguard builds without weights",
+                                  description="List the model presets (published architectures, never weights) "
+                                              "that model: {preset: NAME} and Hub ids fall back to.")
+    presets.add_argument("--json", action="store_true", help="print JSON on stdout")
+    presets.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     check = commands.add_parser(
         "check", help="predict whether a training config fits a GPU, and plan fallbacks if not",
-        description="Predict the peak GPU memory of a training config (memguard YAML, a LightningCLI fit config "
-                    "or a transformers config.json) without a GPU, and plan the cheapest change that fits. "
+        description="Predict the peak GPU memory of a training config (memguard YAML, a LightningCLI fit config, "
+                    "a transformers config.json or a Hugging Face Hub id, read from the local cache or a preset) "
+                    "without a GPU, and plan the cheapest change that fits. "
                     "Exit codes: 0 fits, 1 nothing allowed fits, 2 invalid input, 3 fits only with the plan.",
     )
-    check.add_argument("config", metavar="CONFIG", help="memguard YAML, LightningCLI fit YAML, or config.json")
+    check.add_argument("config", metavar="CONFIG",
+                       help="memguard YAML, LightningCLI fit YAML, config.json, or a Hub id such as "
+                            "meta-llama/Llama-2-7b-hf (never downloaded)")
     check.add_argument("--gpu", action="append", default=[], metavar="NAME",
                        help="a GPU from the catalog (repeat to compare); default: the config's gpu, else this "
                             "machine's GPUs")
@@ -129,6 +138,63 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("--image-size", type=int, metavar="N", help="pixels per side (overrides the config)")
     check.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """``memguard --version``: the installed distribution's version, looked up only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(f"memguard {version()}")
+        parser.exit(EXIT_OK)
+
+
+def version() -> str:
+    """The installed package's version (importlib.metadata), else the source tree's ``__version__``: a
+    checkout run without ``pip install`` has no metadata."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("memguard")
+    except metadata.PackageNotFoundError:
+        from memguard import __version__
+
+        return __version__
+
+
+# ---------------------------------------------------------------------------------------------------------
+# memguard presets
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    """``memguard presets [--json]``: every preset with its parameter count, kind and Hub id."""
+    from memguard import presets
+
+    rows = [_preset_json(presets.PRESETS[name]) for name in presets.names()]
+    if args.json:
+        print(json.dumps({"presets": rows}, indent=2))
+        return EXIT_OK
+    from memguard.report import render_table
+
+    headers = ["name", "parameters", "kind", "input", "hub id", "aliases"]
+    table = [[r["name"], f"{r['parameters']:,}", r["kind"], _input_cell(r), r["hub_id"], ", ".join(r["aliases"])]
+             for r in rows]
+    print(render_table(headers, table, align="<><<<<"))
+    return EXIT_OK
+
+
+def _preset_json(preset: Any) -> dict[str, Any]:
+    """One preset as JSON-ready data."""
+    return {"name": preset.name, "parameters": preset.params, "kind": preset.kind, "input": preset.input,
+            "seq_len": preset.seq_len, "image_size": preset.image_size, "hub_id": preset.source,
+            "aliases": list(preset.aliases)}
+
+
+def _input_cell(row: dict[str, Any]) -> str:
+    """The default input: tokens per sample or pixels per side."""
+    return f"{row['seq_len']} tokens" if row["input"] == "tokens" else f"{row['image_size']} px"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,26 +325,17 @@ def _startup() -> Iterator[None]:
             gc.enable()
 
 
-@contextlib.contextmanager
-def _quiet_libraries(debug: bool) -> Iterator[None]:
-    """Keep third-party warnings and log chatter (transformers, peft, torchao) out of the report, unless
-    --debug asks for everything."""
-    if debug:
-        yield
-        return
-    import logging
+def _quiet_libraries(debug: bool) -> contextlib.AbstractContextManager:
+    """Keep third-party warnings, log chatter and C++ log lines out of the report (memguard.quiet, as for
+    the library API), unless --debug asks for everything."""
+    from memguard.quiet import quiet, verbose
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)  # libraries reset their own loggers' levels when they load
-        try:
-            yield
-        finally:
-            logging.disable(logging.NOTSET)
+    return verbose() if debug else quiet()
 
 
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "gpus": _cmd_gpus,
+    "presets": _cmd_presets,
     "check": _cmd_check,
 }
 
