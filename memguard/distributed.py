@@ -44,7 +44,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
-from torch.utils._pytree import tree_flatten
 
 from memguard import checkpointing
 from memguard.categories import Category
@@ -64,6 +63,7 @@ from memguard.trace import (
     fake_batch,
     fake_model_copy,
     trace_training,
+    track_model_and_batch,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -551,18 +551,6 @@ def _starting_from(trace: Trace, start: int, label: str) -> Trace:
     return dataclasses.replace(trace, categories=categories, events=head + trace.events[start:], phases=phases)
 
 
-def _track_model_and_batch(recorder: _Recorder, model: nn.Module, batch: Any) -> None:
-    """Record the copy's parameters, buffers and batch as allocated (a function, so that no loop variable
-    keeps a parameter alive after wrapping replaced it)."""
-    for p in dict.fromkeys(model.parameters()):
-        recorder.track(p, Category.PARAMETERS)
-    for b in model.buffers():
-        recorder.track(b, Category.PARAMETERS)
-    for leaf in tree_flatten(batch)[0]:
-        if isinstance(leaf, torch.Tensor):
-            recorder.track(leaf, Category.INPUTS)
-
-
 def trace_wrapped(
     model: nn.Module,
     batch: Any,
@@ -593,7 +581,8 @@ def trace_wrapped(
         fbatch = fake_batch(batch, fake_mode, param_dtype)
         recorder = _Recorder()
         recorder.phase("setup")
-        _track_model_and_batch(recorder, twin, fbatch)
+        recorder.watch(twin)
+        track_model_and_batch(recorder, twin, fbatch)
         mode = _ShardedRecordingMode(recorder, device, fake_mode)
         rng_states = _counted_rng_states(recorder) if device.host_is_device else contextlib.nullcontext()
         with fake_mode, mode, _tracking_resizes(recorder), device.kernel_mode(), rng_states:

@@ -13,8 +13,10 @@ workspaces).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
+import functools
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +43,8 @@ class Trace:
     ``events`` is a list of signed allocation ids: ``+(aid + 1)`` allocates, ``-(aid + 1)`` frees.
     ``sizes[aid]`` is the storage's byte size and ``categories[aid]`` what it turned out to be.
     ``phases`` marks where each phase (``"step1.forward"``...) starts in ``events``.
+    ``holder_names[holders[aid]]`` is ``(module path, kind)``: who holds the allocation (see
+    :meth:`holder_of`). One int per allocation into a small interned table keeps large traces compact.
     """
 
     sizes: list[int] = field(default_factory=list)
@@ -50,6 +54,21 @@ class Trace:
     notes: list[str] = field(default_factory=list)
     unified_bytes: int = 0
     """Optimizer state a paged optimizer keeps in CUDA unified memory (never in ``events``)."""
+    holders: list[int] = field(default_factory=list)
+    holder_names: list[tuple[str, str]] = field(default_factory=list)
+
+    def holder_of(self, aid: int) -> tuple[str, str]:
+        """``(module path, kind)`` of allocation ``aid``.
+
+        The module path is the one ``named_modules`` gives (``"model.layers.3.mlp.up_proj"``), or one of the
+        bracketed labels below when no module made it. The kind is finer than the category: the operator
+        that made it (``"aten.mm"``, with ``SAVED`` appended when autograd saved it for backward),
+        ``"parameter"``, ``"buffer"``, ``"gradient"``, ``"input"`` or the optimizer's state key
+        (``"exp_avg"``). Allocations added after tracing (a strategy's buckets) are ``UNTRACED``.
+        """
+        if aid < len(self.holders):
+            return self.holder_names[self.holders[aid]]
+        return (UNTRACED, "")
 
     def live_at(self, index: int) -> list[int]:
         """The allocation ids alive just after event ``index``."""
@@ -72,6 +91,50 @@ class Trace:
 
 _PLAIN = (torch.Tensor, FakeTensor, nn.Parameter)
 
+ROOT = "(model)"
+"""The module path of the model itself (its own ``forward``, outside every submodule)."""
+OUTSIDE = "(outside the model)"
+"""Forward work outside the model's modules: a ``loss_fn``'s own operations."""
+BACKWARD = "(backward)"
+"""Backward work no module's forward created (gradient accumulation)."""
+OPTIMIZER = "(optimizer)"
+"""The optimizer's step scratch (its state is attributed to each parameter's module)."""
+BATCH = "(batch)"
+UNTRACED = "(strategy)"
+"""Allocations a strategy model adds to a trace afterwards (DDP buckets, ZeRO partitions)."""
+SAVED = " (saved for backward)"
+
+_NO_SEQUENCE = 2**64 - 1
+"""The sequence number autograd gives nodes that no forward created (AccumulateGrad)."""
+
+
+def _kind_name(kind: Any) -> str:
+    """``torch.ops.aten.mm.default`` -> ``"aten.mm"``; strings stay as they are."""
+    if isinstance(kind, str):
+        return kind
+    if kind is None:
+        return "other"
+    name = getattr(kind, "_opname", None)
+    namespace = getattr(kind, "namespace", None)
+    return f"{namespace}.{name}" if name and namespace else str(kind)
+
+
+@functools.lru_cache(maxsize=None)
+def _workspace_kind(op: Any) -> str:
+    """The kind of the scratch memory a kernel allocates for ``op`` (cuBLAS / cuDNN / oneDNN)."""
+    return f"{_kind_name(op)} workspace"
+
+
+def _phase_owner(name: str) -> str:
+    """Who holds what is allocated outside every module during phase ``name``."""
+    if name.endswith(".forward"):
+        return OUTSIDE
+    if name.endswith(".backward"):
+        return BACKWARD
+    if "optimizer" in name:
+        return OPTIMIZER
+    return f"({name.rsplit('.', 1)[-1]})"
+
 
 class _Recorder:
     """Assigns an id to each storage the first time it is seen and logs allocs and frees."""
@@ -87,6 +150,22 @@ class _Recorder:
         self.is_paused = False
         self._aliases: list[Any] = []
         self.kept: set[int] = set()  # allocations made once per process, never replayed
+        # Who holds each allocation: module paths are interned once, (owner, kind) pairs once more.
+        self.op: Any = None  # the operator whose outputs are being tracked: an allocation's default kind
+        self._owner_ids: dict[str, int] = {}
+        self._owner_names: list[str] = []
+        self._pair_ids: dict[tuple[str, str], int] = {}
+        self._holder_ids: dict[tuple[int, Any], int] = {}
+        self._module = -1  # owner id of the innermost module whose forward is running; -1 outside all
+        self._stack: list[int] = []
+        self._context = self._owner_id("(setup)")  # owner outside every module in the current phase
+        # Autograd numbers nodes in creation order: where the running module changed, in those numbers,
+        # tells backward which module's forward created the node it runs.
+        self._marks: list[int] = []
+        self._mark_owners: list[int] = []
+        # id(parameter or its shadow) -> (owner id, the tensor): the reference tells a reused id apart
+        self._param_owner: dict[int, tuple[int, weakref.ref]] = {}
+        self._saved: set[int] = set()  # allocations autograd saved for backward in this forward
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -104,13 +183,14 @@ class _Recorder:
         except (RuntimeError, NotImplementedError):
             return None
 
-    def track(self, tensor: torch.Tensor, category: Category = Category.OTHER, nbytes: int | None = None) -> None:
+    def track(self, tensor: torch.Tensor, category: Category = Category.OTHER, nbytes: int | None = None,
+              kind: str | None = None) -> None:
         if type(tensor) not in _PLAIN and is_traceable_wrapper_subclass(tensor):
             attrs, _ = tensor.__tensor_flatten__()
             for attr in attrs:
                 inner = getattr(tensor, attr)
                 if isinstance(inner, torch.Tensor):
-                    self.track(inner, category)
+                    self.track(inner, category, kind=kind)
             return
         try:
             storage = tensor.untyped_storage()
@@ -118,13 +198,15 @@ class _Recorder:
             return
         if id(storage) in self._ids:
             return
-        aid = self._new(int(storage.nbytes()) if nbytes is None else int(nbytes), category)
+        aid = self._new(int(storage.nbytes()) if nbytes is None else int(nbytes), category, kind)
         self.bind(storage, aid)
 
-    def _new(self, nbytes: int, category: Category) -> int:
+    def _new(self, nbytes: int, category: Category, kind: Any = None, holder: int | None = None) -> int:
+        """A new allocation, held by the running module as ``kind`` (default: the operator running)."""
         aid = len(self.trace.sizes)
         self.trace.sizes.append(nbytes)
         self.trace.categories.append(category)
+        self.trace.holders.append(self._holder(self.op if kind is None else kind) if holder is None else holder)
         self._phase_of_aid.append(self._phase_index)
         self._live.add(aid)
         self.trace.events.append(aid + 1)
@@ -161,17 +243,17 @@ class _Recorder:
 
         return free
 
-    def transient(self, nbytes: int, category: Category) -> None:
+    def transient(self, nbytes: int, category: Category, kind: str | None = None) -> None:
         """An allocation that is freed right away: a kernel's internal scratch space."""
         if nbytes <= 0:
             return
-        aid = self._new(int(nbytes), category)
+        aid = self._new(int(nbytes), category, kind)
         self._live.discard(aid)
         self.trace.events.append(-(aid + 1))
 
-    def persistent(self, nbytes: int, category: Category) -> None:
+    def persistent(self, nbytes: int, category: Category, kind: str | None = None) -> None:
         """An allocation a library keeps until the process ends (never freed in the trace)."""
-        self.kept.add(self._new(int(nbytes), category))
+        self.kept.add(self._new(int(nbytes), category, kind))
 
     def replay(
         self,
@@ -179,40 +261,173 @@ class _Recorder:
         remap: dict[int, int],
         sizes: Any = None,
         categories: Any = None,
+        holders: Any = None,
     ) -> None:
         """Append ``events`` again with fresh ids for the allocations they make (``remap`` is filled
         with old id -> new id), so a repeated, identical program segment costs no second trace.
-        ``sizes`` / ``categories`` map the old ids when the events come from another trace."""
+        ``sizes`` / ``categories`` / ``holders`` (``(module path, kind)`` names) map the old ids when the
+        events come from another trace; each copy keeps its original's holder."""
         sizes = self.trace.sizes if sizes is None else sizes
         categories = self.trace.categories if categories is None else categories
+        if holders is None:
+            holder_of = self.trace.holders.__getitem__
+        else:
+            def holder_of(old: int) -> int:
+                return self._pair(*holders[old])
         for ev in events:
             if ev > 0:
                 old = ev - 1
-                remap[old] = self._new(sizes[old], categories[old])
+                remap[old] = self._new(sizes[old], categories[old], holder=holder_of(old))
             else:
                 new = remap[-ev - 1]
                 self._live.discard(new)
                 self.trace.events.append(-(new + 1))
 
+    # holders: which module, and what kind of tensor -------------------------------------------------------
+    def _owner_id(self, path: str) -> int:
+        owner = self._owner_ids.get(path)
+        if owner is None:
+            owner = self._owner_ids[path] = len(self._owner_names)
+            self._owner_names.append(path)
+        return owner
+
+    def _pair(self, owner: str, kind: str) -> int:
+        """The holder id of ``(owner, kind)`` in this trace's table."""
+        hid = self._pair_ids.get((owner, kind))
+        if hid is None:
+            hid = self._pair_ids[(owner, kind)] = len(self.trace.holder_names)
+            self.trace.holder_names.append((owner, kind))
+        return hid
+
+    def _holder(self, kind: Any) -> int:
+        """The holder of an allocation made now: the running module, else the module whose forward created
+        the autograd node running (backward, recomputation included), else the phase's own label."""
+        owner = self._module
+        if owner < 0:
+            owner = self._autograd_owner()
+            if owner < 0:
+                owner = self._context
+        key = (owner, kind)
+        hid = self._holder_ids.get(key)
+        if hid is None:
+            hid = self._holder_ids[key] = self._pair(self._owner_names[owner], _kind_name(kind))
+        return hid
+
+    def _autograd_owner(self) -> int:
+        node = torch._C._current_autograd_node()
+        if node is None or not self._marks:
+            return -1
+        seq = node._sequence_nr()
+        if seq >= _NO_SEQUENCE:
+            return -1
+        i = bisect.bisect_right(self._marks, seq) - 1
+        return self._mark_owners[i] if i >= 0 else -1
+
+    def _mark(self, owner: int) -> None:
+        """Autograd nodes created from now on belong to ``owner`` (until the next mark)."""
+        seq = torch._C._autograd._get_sequence_nr()
+        if self._marks and self._marks[-1] == seq:
+            self._mark_owners[-1] = owner  # no node was created since the last mark
+        else:
+            self._marks.append(seq)
+            self._mark_owners.append(owner)
+
+    def _enter(self, owner: int, _module: nn.Module, _args: Any) -> None:
+        self._stack.append(self._module)
+        self._module = owner
+        self._mark(owner)
+
+    def _leave(self, _module: nn.Module, _args: Any, _out: Any) -> None:
+        self._module = self._stack.pop() if self._stack else -1
+        self._mark(self._module if self._module >= 0 else self._context)
+
+    def watch(self, model: nn.Module) -> None:
+        """Attribute what ``model``'s modules allocate to their paths, and each parameter, buffer (and so
+        gradient and optimizer state) to the module that owns it. Hooks go on memguard's copy only."""
+        leave = self._leave
+        for path, module in model.named_modules():
+            owner = self._owner_id(path or ROOT)
+            module.register_forward_pre_hook(functools.partial(self._enter, owner))
+            module.register_forward_hook(leave, always_call=True)
+            for tensors in (module._parameters, module._buffers):
+                for t in tensors.values():
+                    if t is not None and self._owner_of(t) is None:
+                        self._param_owner[id(t)] = (owner, weakref.ref(t))
+
+    def _owner_of(self, tensor: torch.Tensor) -> int | None:
+        """The module owning parameter or buffer ``tensor`` (None if :meth:`watch` never saw it)."""
+        entry = self._param_owner.get(id(tensor))
+        return entry[0] if entry is not None and entry[1]() is tensor else None
+
+    def same_owner(self, tensor: torch.Tensor, like: torch.Tensor) -> None:
+        """``tensor`` (an optimizer's stand-in) stands for parameter ``like``."""
+        owner = self._owner_of(like)
+        if owner is not None:
+            self._param_owner[id(tensor)] = (owner, weakref.ref(tensor))
+
+    def _aids(self, tensor: torch.Tensor) -> list[int]:
+        """The allocations behind ``tensor``: its storage's, or its inner tensors' for a wrapper subclass."""
+        if type(tensor) not in _PLAIN and is_traceable_wrapper_subclass(tensor):
+            attrs, _ = tensor.__tensor_flatten__()
+            return [a for attr in attrs if isinstance(inner := getattr(tensor, attr), torch.Tensor)
+                    for a in self._aids(inner)]
+        aid = self.aid_of(tensor)
+        return [] if aid is None else [aid]
+
+    def _rename(self, aid: int, kind: str, owner_of: torch.Tensor | None) -> None:
+        owner = self._owner_of(owner_of) if owner_of is not None else None
+        path = self._owner_names[owner] if owner is not None else self.trace.holder_names[self.trace.holders[aid]][0]
+        self.trace.holders[aid] = self._pair(path, kind)
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Note which storages autograd saves for backward meanwhile (their kind says so afterwards)."""
+        saved = self._saved
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            aid = self.aid_of(t)
+            if aid is not None:
+                saved.add(aid)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, _itself):
+            yield
+
     # phases and tags ------------------------------------------------------------------------------------
     def phase(self, name: str) -> None:
         self._phase_index = len(self.trace.phases)
         self.trace.phases.append((len(self.trace.events), name))
+        self._context = self._owner_id(_phase_owner(name))
+        if self._module < 0:
+            self._mark(self._context)
 
-    def tag(self, tensor: torch.Tensor, category: Category) -> None:
-        """Mark a storage as ``category`` unless an earlier, more specific tag exists."""
+    def tag(self, tensor: torch.Tensor, category: Category, kind: str | None = None,
+            owner_of: torch.Tensor | None = None) -> None:
+        """Mark a storage as ``category`` unless an earlier, more specific tag exists; with ``kind``, it is
+        also held as ``kind`` by the module owning parameter ``owner_of`` (or by its maker)."""
         aid = self.aid_of(tensor)
         if aid is None:
-            self.track(tensor, category)
+            self.track(tensor, category, kind=kind)
+            if kind is not None:
+                for made in self._aids(tensor):
+                    self._rename(made, kind, owner_of)
             return
-        if self.trace.categories[aid] in (Category.OTHER, Category.TEMPORARIES, Category.ACTIVATIONS):
+        if self.trace.categories[aid] in (Category.OTHER, Category.TEMPORARIES, Category.ACTIVATIONS, category):
             self.trace.categories[aid] = category
+            if kind is not None:
+                self._rename(aid, kind, owner_of)
 
     def tag_live_from_current_phase(self, category: Category) -> None:
-        """Everything allocated in the current phase and still alive becomes ``category``."""
+        """Everything allocated in the current phase and still alive becomes ``category`` (what autograd
+        saved for backward says so in its kind)."""
+        names = self.trace.holder_names
         for aid in self._live:
             if self._phase_of_aid[aid] == self._phase_index and self.trace.categories[aid] == Category.OTHER:
                 self.trace.categories[aid] = category
+                if aid in self._saved:
+                    owner, kind = names[self.trace.holders[aid]]
+                    self.trace.holders[aid] = self._pair(owner, kind + SAVED)
+        self._saved.clear()
 
     def finish(self) -> Trace:
         for aid, cat in enumerate(self.trace.categories):
@@ -260,15 +475,16 @@ class _RecordingMode(TorchDispatchMode):
             flat = tree_flatten(out)[0]
         extra = self.device.op_memory(func, args, kwargs, flat)
         sizes = extra.output_bytes
+        self.recorder.op = func
         for i, t in enumerate(flat):
             if isinstance(t, torch.Tensor):
                 if self.skip_host_tensors and t.device.type == "cpu":
                     continue
                 self.recorder.track(t, nbytes=sizes[i] if i < len(sizes) else None)
         if extra.transient:
-            self.recorder.transient(extra.transient, Category.WORKSPACE)
+            self.recorder.transient(extra.transient, Category.WORKSPACE, _workspace_kind(func))
         if extra.persistent:
-            self.recorder.persistent(extra.persistent, Category.WORKSPACE)
+            self.recorder.persistent(extra.persistent, Category.WORKSPACE, _workspace_kind(func))
         return out
 
 
@@ -509,6 +725,7 @@ class _Shadows:
                     torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="meta")
                 )
                 recorder.alias(shadow.untyped_storage(), t)
+                recorder.same_owner(shadow, p)
                 self.pairs.append((p, shadow))
         self.params = [s for _, s in self.pairs]
 
@@ -559,6 +776,8 @@ class Recording:
     kept: set[int]
     grads: list[tuple[int, int, tuple, tuple, torch.dtype]]
     device_state: Any
+    holders: dict[int, tuple[str, str]] = field(default_factory=dict)
+    """Each allocation's ``(module path, kind)``, by name: ids into the other trace's table mean nothing."""
 
 
 class TraceCache:
@@ -589,7 +808,7 @@ def _trace_forward_backward(model, batch, label, params, optimizer, program, zer
     live_before = set(recorder._live)
     with _phase(recorder, mode, f"{label}.forward"):
         f0 = len(events)
-        with _autocast(program.autocast_dtype):
+        with _autocast(program.autocast_dtype), recorder.saving():
             loss = program.loss_fn(model, batch)
         if not isinstance(loss, torch.Tensor):
             raise TraceError(f"loss_fn returned {type(loss).__name__}; it must return a scalar tensor.")
@@ -606,7 +825,7 @@ def _trace_forward_backward(model, batch, label, params, optimizer, program, zer
         grads = []
         for p in params:
             if p.grad is not None:
-                recorder.tag(p.grad, Category.GRADIENTS)
+                recorder.tag(p.grad, Category.GRADIENTS, "gradient", owner_of=p)
                 aid = recorder.aid_of(p.grad)
                 grads.append((p, aid, tuple(p.grad.shape), tuple(p.grad.stride()), p.grad.dtype))
         backward = events[b0:]
@@ -634,16 +853,16 @@ def _trace_forward_backward(model, batch, label, params, optimizer, program, zer
 
 
 def _replay_forward_backward(forward, backward, grads, label, optimizer, zero_first, recorder, mode,  # noqa: ANN001
-                             sizes=None, categories=None) -> tuple[_StepRecord, dict[int, int]]:
+                             sizes=None, categories=None, holders=None) -> tuple[_StepRecord, dict[int, int]]:
     """Append a recorded forward and backward again under this step's phases and bind each surviving
-    gradient (``(parameter, old id, shape, stride, dtype)``) to its parameter. ``sizes`` / ``categories``
-    describe the old ids when they come from another trace. Returns the step in this trace's ids (kept
+    gradient (``(parameter, old id, shape, stride, dtype)``) to its parameter. ``sizes`` / ``categories`` /
+    ``holders`` describe the old ids when they come from another trace. Returns the step in this trace's ids (kept
     allocations included) and the old -> new id map."""
     remap: dict[int, int] = {}
     events = recorder.trace.events
     with _phase(recorder, mode, f"{label}.forward"):
         f0 = len(events)
-        recorder.replay(forward, remap, sizes, categories)
+        recorder.replay(forward, remap, sizes, categories, holders)
         new_forward = events[f0:]
     if zero_first and optimizer is not None:
         with _phase(recorder, mode, f"{label}.zero_grad"):
@@ -651,7 +870,7 @@ def _replay_forward_backward(forward, backward, grads, label, optimizer, zero_fi
     new_grads = []
     with _phase(recorder, mode, f"{label}.backward"):
         b0 = len(events)
-        recorder.replay(backward, remap, sizes, categories)
+        recorder.replay(backward, remap, sizes, categories, holders)
         new_backward = events[b0:]
         with recorder.paused():
             for p, aid, shape, stride, dtype in grads:
@@ -670,6 +889,7 @@ def _recording(record: _StepRecord, params: list[nn.Parameter], recorder: _Recor
         backward=list(record.raw_backward),
         sizes={aid: recorder.trace.sizes[aid] for aid in aids},
         categories={aid: recorder.trace.categories[aid] for aid in aids},
+        holders={aid: recorder.trace.holder_of(aid) for aid in aids},
         kept=aids & recorder.kept,
         grads=[(index[id(p)], aid, shape, stride, dtype) for p, aid, shape, stride, dtype in record.grads],
         device_state=device.state(),
@@ -682,7 +902,7 @@ def _replay_recording(rec: Recording, label, params, optimizer, zero_first, reco
     trace's ids, so later steps replay it as usual."""
     grads = [(params[i], aid, shape, stride, dtype) for i, aid, shape, stride, dtype in rec.grads]
     step, remap = _replay_forward_backward(rec.forward, rec.backward, grads, label, optimizer, zero_first,
-                                           recorder, mode, rec.sizes, rec.categories)
+                                           recorder, mode, rec.sizes, rec.categories, rec.holders)
     kept = {remap[aid] for aid in rec.kept}
     recorder.kept |= kept
     mode.device.restore(rec.device_state)
@@ -694,11 +914,12 @@ def _tag_optimizer_state(recorder: _Recorder, optimizer: Any, mode: _RecordingMo
     state = getattr(optimizer, "state", None)
     if not state:
         return
-    for per_param in state.values():
-        values = per_param.values() if isinstance(per_param, dict) else [per_param]
-        for v in values:
+    for param, per_param in state.items():
+        items = per_param.items() if isinstance(per_param, dict) else [("optimizer state", per_param)]
+        owner = param if isinstance(param, torch.Tensor) else None
+        for key, v in items:
             if isinstance(v, torch.Tensor) and not (mode.skip_host_tensors and v.device.type == "cpu"):
-                recorder.tag(v, Category.OPTIMIZER_STATE)
+                recorder.tag(v, Category.OPTIMIZER_STATE, str(key), owner_of=owner)
 
 
 @contextlib.contextmanager
@@ -710,7 +931,7 @@ def _counted_rng_states(recorder: _Recorder) -> Iterator[None]:
     def get_rng_state() -> torch.Tensor:
         state = original()
         if not recorder.is_paused:
-            recorder.track(state, Category.ACTIVATIONS)
+            recorder.track(state, Category.ACTIVATIONS, kind="rng state")
         return state
 
     torch.get_rng_state = get_rng_state
@@ -718,6 +939,21 @@ def _counted_rng_states(recorder: _Recorder) -> Iterator[None]:
         yield
     finally:
         torch.get_rng_state = original
+
+
+def track_model_and_batch(recorder: _Recorder, model: nn.Module, batch: Any) -> None:
+    """Record the model's parameters and buffers (held by their modules, after :meth:`_Recorder.watch`)
+    and the batch as allocated before the first step. A function, so no loop variable keeps a tensor alive."""
+    for p in dict.fromkeys(model.parameters()):
+        recorder.tag(p, Category.PARAMETERS, "parameter", owner_of=p)
+    for b in model.buffers():
+        recorder.tag(b, Category.PARAMETERS, "buffer", owner_of=b)
+    owner = recorder._owner_names[recorder._owner_id(BATCH)]
+    for leaf in tree_flatten(batch)[0]:
+        if isinstance(leaf, torch.Tensor):
+            recorder.track(leaf, Category.INPUTS, kind="input")
+            for aid in recorder._aids(leaf):
+                recorder.trace.holders[aid] = recorder._pair(owner, "input")
 
 
 def trace_training(
@@ -750,16 +986,8 @@ def trace_training(
 
     recorder = _Recorder()
     recorder.phase("setup")
-    seen: set[int] = set()
-    for p in twin.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            recorder.track(p, Category.PARAMETERS)
-    for b in twin.buffers():
-        recorder.track(b, Category.PARAMETERS)
-    for leaf in tree_flatten(fbatch)[0]:
-        if isinstance(leaf, torch.Tensor):
-            recorder.track(leaf, Category.INPUTS)
+    recorder.watch(twin)
+    track_model_and_batch(recorder, twin, fbatch)
 
     mode = _RecordingMode(recorder, device)
     rng_states = _counted_rng_states(recorder) if device.host_is_device else contextlib.nullcontext()
