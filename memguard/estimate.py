@@ -6,6 +6,7 @@ prints, touches a GPU or imports Lightning.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,53 @@ class TimelinePoint:
     """Position in the traced event sequence."""
     phase: str
     allocated_bytes: int
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Memory one group of allocations holds at the peak: the same module pattern, kind and category.
+
+    ``module`` is a module path with repeated block indices collapsed to ``*`` (``"model.layers.*.mlp"``
+    stands for every layer's ``mlp``), or a bracketed label (:data:`memguard.trace.ROOT` and friends);
+    ``repeats`` counts the distinct indices behind each ``*``, so identical blocks add up in one line.
+    ``kind`` is finer than ``category``: the operator that made the tensor (``"aten.mm"``, ``"... (saved
+    for backward)"``), ``"parameter"``, ``"gradient"``, an optimizer state key (``"exp_avg"``)...
+    """
+
+    module: str
+    kind: str
+    category: Category
+    bytes: int
+    repeats: tuple[int, ...] = ()
+
+    @property
+    def count(self) -> int:
+        """How many concrete modules ``module`` stands for (1 without ``*``)."""
+        return math.prod(self.repeats)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"module": self.module, "kind": self.kind, "category": str(self.category), "bytes": self.bytes,
+                "count": self.count}
+
+
+@dataclass(frozen=True)
+class HolderGroup:
+    """Holders summed under one name (a module pattern at some depth, a kind, or a category), with the
+    largest contributions inside it (kinds of a module, modules of a kind), largest first."""
+
+    name: str
+    bytes: int
+    count: int = 1
+    category: Category | None = None
+    parts: tuple[tuple[str, int], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "bytes": self.bytes, "count": self.count,
+                "category": None if self.category is None else str(self.category),
+                "parts": [{"name": n, "bytes": b} for n, b in self.parts]}
+
+
+HOLDER_BY = ("module", "kind", "category")
 
 
 @dataclass
@@ -65,6 +113,36 @@ class Estimate:
     approximate: bool = False
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    holders: list[Holder] = field(default_factory=list)
+    """Everything allocated at the peak, grouped by :class:`Holder` (module pattern, kind, category),
+    largest first; the bytes add up to ``peak_bytes``. :meth:`top_holders` rolls them up."""
+    phases: list[tuple[int, str]] = field(default_factory=list)
+    """Where each traced phase (``"step1.forward"``...) starts, in the event indices of ``timeline``."""
+
+    def top_holders(self, n: int | None = 8, *, by: str = "module", depth: int | None = None,
+                    parts: int = 3) -> list[HolderGroup]:
+        """The ``n`` largest holders at the peak (all with ``n=None``), by ``"module"`` (patterns cut to
+        their first ``depth`` components: ``depth=3`` folds ``model.layers.*.mlp.up_proj`` into
+        ``model.layers.*``), by ``"kind"`` (within its category) or by ``"category"``. Each group lists its
+        ``parts`` largest contributions: kinds of a module, modules of a kind, kinds of a category."""
+        if by not in HOLDER_BY:
+            raise InvalidArgumentError(f"by must be one of {', '.join(HOLDER_BY)}, got {by!r}")
+        if depth is not None and depth < 1:
+            raise InvalidArgumentError(f"depth must be >= 1, got {depth}")
+        groups = _roll_up(self.holders, by, depth, parts)
+        top = sorted(groups, key=lambda g: (-g.bytes, g.name))
+        return top if n is None else top[:n]
+
+    def __repr__(self) -> str:
+        from memguard.report import format_bytes
+
+        return (f"Estimate(peak={format_bytes(self.peak_bytes)}, device={self.device}, "
+                f"precision={self.precision or '?'}, optimizer={self.optimizer or '?'})")
+
+    def __str__(self) -> str:
+        from memguard.report import render_estimate
+
+        return render_estimate(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +159,7 @@ class Estimate:
             "unified_bytes": self.unified_bytes,
             "approximate": self.approximate,
             "notes": list(self.notes),
+            "holders": [h.to_dict() for h in self.holders],
         }
 
 
@@ -266,6 +345,7 @@ def summarize(trace: Trace, dev: DeviceModel) -> Estimate:
 
     phase_peaks: dict[str, int] = {}
     phase_breakdowns: dict[str, dict[Category, int]] = {}
+    phase_index: dict[str, int] = {}
     bounds = [start for start, _ in trace.phases] + [len(events)]
     for (start, name), end in zip(trace.phases, bounds[1:]):
         if end > start and name != "end":
@@ -273,9 +353,12 @@ def summarize(trace: Trace, dev: DeviceModel) -> Estimate:
             if curve[index] >= phase_peaks.get(name, -1):
                 phase_peaks[name] = curve[index]
                 phase_breakdowns[name] = _breakdown(trace, sizes, index)
+                phase_index[name] = index
+    holders: list[Holder] = []
     if phase_peaks:
         peak_phase = max(phase_peaks, key=phase_peaks.__getitem__)
         best, breakdown = phase_peaks[peak_phase], dict(phase_breakdowns[peak_phase])
+        holders = _holders(trace, sizes, phase_index[peak_phase])
     else:
         peak_phase, best, breakdown = "setup", 0, {c: 0 for c in ALLOCATED_CATEGORIES}
 
@@ -296,6 +379,8 @@ def summarize(trace: Trace, dev: DeviceModel) -> Estimate:
         precision="",
         optimizer="",
         per_rank=[best],
+        holders=holders,
+        phases=[(start, name) for start, name in trace.phases if name != "end"],
     )
 
 
@@ -304,6 +389,75 @@ def _breakdown(trace: Trace, sizes: list[int], index: int) -> dict[Category, int
     for aid in trace.live_at(index):
         out[trace.categories[aid]] += sizes[aid]
     return out
+
+
+def _pattern(path: str) -> tuple[str, tuple[str, ...]]:
+    """``"model.layers.3.mlp"`` -> ``("model.layers.*.mlp", ("3",))``: numbered children (ModuleList,
+    Sequential) are the repeated blocks, so their index is what identical blocks differ in."""
+    if path.startswith("(") or not any(c.isdigit() for c in path):
+        return path, ()
+    parts = path.split(".")
+    return ".".join("*" if p.isdigit() else p for p in parts), tuple(p for p in parts if p.isdigit())
+
+
+def _holders(trace: Trace, sizes: list[int], index: int) -> list[Holder]:
+    """What is live just after event ``index``, summed by (module pattern, kind, category)."""
+    sums: dict[tuple[str, str, Category], int] = {}
+    indices: dict[tuple[str, str, Category], list[set[str]]] = {}
+    patterns: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for aid in trace.live_at(index):
+        if not sizes[aid]:
+            continue
+        owner, kind = trace.holder_of(aid)
+        pattern = patterns.get(owner)
+        if pattern is None:
+            pattern = patterns[owner] = _pattern(owner)
+        key = (pattern[0], kind, trace.categories[aid])
+        sums[key] = sums.get(key, 0) + sizes[aid]
+        if pattern[1]:
+            for seen, i in zip(indices.setdefault(key, [set() for _ in pattern[1]]), pattern[1]):
+                seen.add(i)
+    holders = [Holder(module, kind, cat, n, tuple(len(s) for s in indices.get((module, kind, cat), ())))
+               for (module, kind, cat), n in sums.items()]
+    return sorted(holders, key=lambda h: (-h.bytes, h.module, h.kind))
+
+
+def _cut(holder: Holder, depth: int | None) -> tuple[str, int]:
+    """The holder's module pattern cut to ``depth`` components, and how many modules that stands for."""
+    module = holder.module
+    if depth is None or module.startswith("("):
+        return module, holder.count
+    kept = module.split(".")[:depth]
+    return ".".join(kept), math.prod(holder.repeats[: kept.count("*")])
+
+
+def _roll_up(holders: list[Holder], by: str, depth: int | None, parts: int) -> list[HolderGroup]:
+    sums: dict[Any, int] = {}
+    counts: dict[Any, int] = {}
+    inner: dict[Any, dict[str, int]] = {}
+    for h in holders:
+        module, count = _cut(h, depth)
+        if by == "module":
+            key, part = module, h.kind
+        elif by == "kind":
+            key, part = (h.kind, h.category), module
+        else:
+            key, part = h.category, h.kind
+        sums[key] = sums.get(key, 0) + h.bytes
+        counts[key] = max(counts.get(key, 1), count if by == "module" else 1)
+        split = inner.setdefault(key, {})
+        split[part] = split.get(part, 0) + h.bytes
+    groups = []
+    for key, total in sums.items():
+        top = sorted(inner[key].items(), key=lambda kv: (-kv[1], kv[0]))[:parts]
+        if by == "module":
+            name, cat = key, None
+        elif by == "kind":
+            name, cat = key
+        else:
+            name, cat = str(key), key
+        groups.append(HolderGroup(name, total, counts[key], cat, tuple(top)))
+    return groups
 
 
 def _downsample(curve: list[int], trace: Trace) -> list[TimelinePoint]:
@@ -320,4 +474,4 @@ def _downsample(curve: list[int], trace: Trace) -> list[TimelinePoint]:
     return points
 
 
-__all__ = ["Estimate", "TimelinePoint", "estimate", "summarize", "TraceError"]
+__all__ = ["Estimate", "Holder", "HolderGroup", "TimelinePoint", "estimate", "summarize", "TraceError"]

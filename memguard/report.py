@@ -134,6 +134,8 @@ def render_report(
     lines.append("")
     bars = [("as configured", estimate)] + ([("with plan", plan.estimate)] if plan is not None else [])
     lines.append(_indent(_bars(bars, capacity_bytes, margin)))
+    if estimate.holders:
+        lines += ["", holders_section(estimate)]
     if plan is not None:
         lines += ["", _plan_section(plan)]
     all_notes = list(dict.fromkeys([*notes, *estimate.notes]))
@@ -252,6 +254,64 @@ def _bullet(text: str) -> str:
 
 def _indent(text: str, by: str = "  ") -> str:
     return "\n".join(by + line if line else line for line in text.splitlines())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where the memory goes: the largest holders at the peak
+
+HOLDER_ROWS = 8
+"""Modules listed in the report's holders section (kinds: ``KIND_ROWS``); the JSON keeps them all."""
+KIND_ROWS = 6
+
+
+def _short(kind: str) -> str:
+    """Kinds as the report's tables show them: "(saved)" for what autograd keeps for backward."""
+    return kind.replace(" (saved for backward)", " (saved)")
+
+
+def _parts(parts: Sequence[tuple[str, int]]) -> str:
+    return ", ".join(f"{_short(name)} {format_bytes(n)}" for name, n in parts)
+
+
+def holders_section(estimate: Estimate, modules: int = HOLDER_ROWS, kinds: int = KIND_ROWS) -> str:
+    """Which modules and which kinds of tensors hold the memory at the peak: the largest module patterns
+    (repeated blocks merged, ``xN`` how many) with their largest kinds, then the largest kinds with the
+    modules holding them. Sizes sum over every block a pattern stands for."""
+    by_module = estimate.top_holders(modules, by="module", parts=2)
+    rows = [[g.name, f"x{g.count}" if g.count > 1 else "", format_bytes(g.bytes), _parts(g.parts)]
+            for g in by_module]
+    table = render_table(["module", "", "size", "largest kinds"], rows, align="<<><")
+    by_kind = estimate.top_holders(kinds, by="kind", parts=2)
+    kind_rows = [[_short(g.name), _NAMES.get(g.category, str(g.category)), format_bytes(g.bytes), _parts(g.parts)]
+                 for g in by_kind]
+    kind_table = render_table(["kind", "category", "size", "largest holders"], kind_rows, align="<<><")
+    return (f"Largest holders at the peak ({estimate.peak_phase}; \"*\" merges repeated blocks, xN counts them):\n"
+            + _indent(table) + "\n\nLargest kinds of tensors at the peak (aten.*: the operator that made them; "
+            "(saved): kept for backward):\n" + _indent(kind_table))
+
+
+def render_estimate(estimate: Estimate, modules: int = 5, kinds: int = 5) -> str:
+    """A few lines for ``print(estimate)``: the peak and what holds it, in adaptive units."""
+    e = estimate
+    lines = [f"memguard estimate: peak {format_bytes(e.peak_bytes)} allocated ({e.peak_phase or 'no phase'}), "
+             f"{format_bytes(e.reserved_bytes)} reserved, {format_bytes(e.device_bytes)} on the device",
+             f"device {e.device}, precision {e.precision or '?'}, optimizer {e.optimizer or '?'}"
+             + (" (approximate)" if e.approximate else "")]
+    parts = [(_NAMES.get(c, c.value), e.breakdown.get(c, 0)) for c in _ORDER if e.breakdown.get(c, 0)]
+    if parts:
+        lines.append("breakdown: " + _parts(parts))
+    if e.holders:
+        lines.append(holders_section(e, modules, kinds))
+    return "\n".join(lines)
+
+
+def _holders_json(est: Estimate) -> dict[str, Any]:
+    """The holders at the peak as data (bytes): every holder, and the report's two roll-ups."""
+    return {
+        "by_module": [g.to_dict() for g in est.top_holders(HOLDER_ROWS, by="module")],
+        "by_kind": [g.to_dict() for g in est.top_holders(KIND_ROWS, by="kind")],
+        "all": [h.to_dict() for h in est.holders],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -414,6 +474,7 @@ def _estimate_json(est: Estimate, capacity: int, margin: float) -> dict[str, Any
         "optimizer": est.optimizer,
         "approximate": est.approximate,
         "timeline": [{"index": p.index, "phase": p.phase, "allocated_bytes": p.allocated_bytes} for p in est.timeline],
+        "holders": _holders_json(est),
     }
 
 
@@ -442,12 +503,38 @@ def plot(result: CheckResult, path: str | os.PathLike) -> Path:
     if suffix not in PLOT_SUFFIXES:
         raise InvalidArgumentError(f"cannot plot to {path.name!r}: the file must end in .png, .html or .htm")
     bars, timelines, limits = _plot_data(result)
+    deciding = result.deciding.estimate
+    spans = phase_spans(deciding)
     title = f"memguard check {result.spec.path}: {result.spec.model_label}"
     if suffix == ".png":
-        _plot_png(path, title, bars, timelines, limits)
+        _plot_png(path, title, bars, timelines, limits, spans)
     else:
-        path.write_text(_plot_html(title, bars, timelines, limits), encoding="utf-8")
+        holders = holders_section(deciding) if deciding.holders else ""
+        path.write_text(_plot_html(title, bars, timelines, limits, spans, holders), encoding="utf-8")
     return path
+
+
+def phase_spans(est: Estimate) -> list[tuple[str, int, int]]:
+    """The timeline's phases as ``(label, first event, end event)``, in order: what the plots shade and
+    label along the x-axis ("step1 forward", "step1 backward", "step1 optimizer", ...). Empty phases
+    (a zero_grad that frees without allocating still spans its frees) are kept; setup is left out."""
+    if not est.timeline:
+        return []
+    end = est.timeline[-1].index + 1
+    starts = [(start, name) for start, name in est.phases if name != "setup"]
+    spans = []
+    for (start, name), (stop, _) in zip(starts, [*starts[1:], (end, "")]):
+        if stop > start:
+            spans.append((name.replace(".", " "), start, stop))
+    return spans
+
+
+_SPAN_COLORS = {"forward": "#e8f1fa", "backward": "#fbeee0", "optimizer": "#f6e3e3"}
+"""Light shades behind the timeline by phase kind; other phases (zero_grad, init) stay white."""
+
+
+def _span_color(label: str) -> str | None:
+    return next((c for key, c in _SPAN_COLORS.items() if label.endswith(key)), None)
 
 
 PLOT_SUFFIXES = (".png", ".html", ".htm")
@@ -477,7 +564,7 @@ def _plot_data(result: CheckResult) -> tuple[list, list, list]:
     return bars, timelines, limits
 
 
-def _plot_png(path: Path, title: str, bars: list, timelines: list, limits: list) -> None:
+def _plot_png(path: Path, title: str, bars: list, timelines: list, limits: list, spans: Sequence = ()) -> None:
     try:
         import matplotlib
     except ImportError as exc:
@@ -502,11 +589,22 @@ def _plot_png(path: Path, title: str, bars: list, timelines: list, limits: list)
     top.set_xlabel("GiB (black tick: capacity)")
     top.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.45 if len(bars) < 3 else -0.2))
     top.set_title(title, fontsize=10)
+    for label, start, stop in spans:
+        color = _span_color(label)
+        if color is not None:
+            bottom.axvspan(start, stop, color=color, linewidth=0)
+    if spans:
+        wide = max(b for *_, b in spans) * 0.04  # narrower spans keep their tick but not their name
+        bottom.set_xticks([(a + b) / 2 for _, a, b in spans],
+                          [label.replace(" ", "\n", 1) if b - a >= wide else "" for label, a, b in spans], fontsize=7)
+        bottom.set_xticks([a for _, a, _ in spans], minor=True)
+        bottom.tick_params(axis="x", which="minor", length=12)
+        bottom.tick_params(axis="x", which="major", length=0)
     for label, points in timelines:
         bottom.plot([p[0] for p in points], [p[1] for p in points], label=f"allocated, {label}")
     for (label, gib), style in zip(limits, ("-", "--")):
         bottom.axhline(gib, color="black", linestyle=style, linewidth=1, label=label)
-    bottom.set_xlabel("traced event (two training steps)")
+    bottom.set_xlabel("traced phase (two training steps; shaded: forward, backward, optimizer step)")
     bottom.set_ylabel("GiB")
     bottom.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
@@ -514,7 +612,7 @@ def _plot_png(path: Path, title: str, bars: list, timelines: list, limits: list)
     plt.close(fig)
 
 
-def _plot_html(title: str, bars: list, timelines: list, limits: list) -> str:
+def _plot_html(title: str, bars: list, timelines: list, limits: list, spans: Sequence = (), holders: str = "") -> str:
     esc = html.escape
     width, left, right = 900, 260, 20
     plot_w = width - left - right
@@ -542,12 +640,14 @@ def _plot_html(title: str, bars: list, timelines: list, limits: list) -> str:
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + esc(title) + "</title></head>"
             "<body style=\"font-family:sans-serif\">\n<h2>" + esc(title) + "</h2>\n<h3>Memory at the peak</h3>\n"
             + "\n".join(svg) + f"\n<p>{legend}</p>\n<h3>Allocated memory over the traced steps</h3>\n"
-            + _timeline_svg(timelines, limits) + "\n</body></html>\n")
+            + _timeline_svg(timelines, limits, spans)
+            + (f"\n<h3>Where the memory goes</h3>\n<pre>{esc(holders)}</pre>" if holders else "")
+            + "\n</body></html>\n")
 
 
-def _timeline_svg(timelines: list, limits: list) -> str:
+def _timeline_svg(timelines: list, limits: list, spans: Sequence = ()) -> str:
     esc = html.escape
-    width, height, left, bottom, top = 900, 320, 60, 30, 10
+    width, height, left, bottom, top = 900, 320 + (30 if spans else 0), 60, 30 + (30 if spans else 0), 10
     plot_w, plot_h = width - left - 20, height - top - bottom
     xmax = max([p[0] for _, pts in timelines for p in pts] + [1])
     ymax = max([p[1] for _, pts in timelines for p in pts] + [g for _, g in limits] + [1e-9]) * 1.05
@@ -559,6 +659,7 @@ def _timeline_svg(timelines: list, limits: list) -> str:
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
            'font-size="12">',
            f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#ccc"/>']
+    out += _span_svg(spans, xmax, left, top, plot_w, plot_h)
     for k in range(5):
         g = ymax * k / 4
         y = top + plot_h - g / ymax * plot_h
@@ -572,9 +673,28 @@ def _timeline_svg(timelines: list, limits: list) -> str:
         coords = " ".join(xy(i, g) for i, g in points)
         out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.5">'
                    f'<title>allocated, {esc(label)}</title></polyline>')
-    out.append(f'<text x="{left}" y="{height - 8}">GiB allocated over the traced events (two training steps); '
-               'solid: capacity, dashed: allocation limit</text></svg>')
+    out.append(f'<text x="{left}" y="{height - 8}">GiB allocated over the traced events (two training steps, '
+               'by phase); solid: capacity, dashed: allocation limit</text></svg>')
     key = " ".join(f'<span style="color:{c}">&#9644; allocated, {esc(label)}</span>'
                    for (label, _), c in zip(timelines, colors))
     limit_text = "; ".join(f"{esc(label)}: {gib:.2f} GiB" for label, gib in limits)
     return "\n".join(out) + f"\n<p>{key}</p>\n<p>{limit_text}</p>"
+
+
+def _span_svg(spans: Sequence, xmax: float, left: int, top: int, plot_w: int, plot_h: int) -> list[str]:
+    """Shaded phase spans behind the timeline, a tick at each phase start and the phase's name under the
+    axis (names too narrow to fit are left to the tooltip)."""
+    esc = html.escape
+    out = []
+    for label, start, stop in spans:
+        x0, x1 = left + start / xmax * plot_w, left + min(stop, xmax) / xmax * plot_w
+        color = _span_color(label) or "none"
+        out.append(f'<rect x="{x0:.1f}" y="{top}" width="{max(x1 - x0, 0.5):.1f}" height="{plot_h}" fill="{color}">'
+                   f'<title>{esc(label)}</title></rect>')
+        out.append(f'<line x1="{x0:.1f}" x2="{x0:.1f}" y1="{top + plot_h}" y2="{top + plot_h + 8}" stroke="#555"/>')
+        if x1 - x0 >= 7 * len(label.split(" ")[-1]):
+            words = label.split(" ", 1)
+            for row, text in enumerate(words):
+                out.append(f'<text x="{(x0 + x1) / 2:.1f}" y="{top + plot_h + 20 + 12 * row}" text-anchor="middle" '
+                           f'font-size="10">{esc(text)}</text>')
+    return out
