@@ -32,6 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from memguard.allocator import AllocatorConfig, simulate
 from memguard.errors import InvalidArgumentError, unknown_name
 from memguard.gpu_catalog import CatalogGPU, lookup
+from memguard.quiet import quiet
 
 CUDA_BLOCK = 512
 """The CUDA caching allocator rounds every block up to a multiple of 512 bytes."""
@@ -213,7 +214,8 @@ class CPUDevice(DeviceModel):
             try:
                 from torch.autograd.profiler import profile
 
-                with profile(profile_memory=True, use_cpu=True) as prof:
+                # kineto prints profiler_start/profiler_stop lines to stderr from C++ for every profile
+                with quiet(native_output=True), profile(profile_memory=True, use_cpu=True) as prof:
                     real = func(*rargs, **rkwargs)
                     real_flat = [o for o in tree_flatten(real)[0]]
             except RuntimeError as exc:  # profiler already running, or the kernel refuses the shapes

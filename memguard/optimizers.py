@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from memguard.errors import InvalidArgumentError, unknown_name
+from memguard.quiet import quiet
 
 Factory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -844,7 +845,8 @@ def _missing(row: OptimizerEntry) -> InvalidArgumentError:
 def _import(path: str, row: OptimizerEntry) -> type:
     module, _, attr = path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), attr)
+        with quiet(native_output=True):  # torchao and bitsandbytes log and warn while they load
+            return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
         raise _missing(row) from exc
 
