@@ -43,6 +43,7 @@ from memguard.guard import (
 from memguard.optimizers import CATALOG
 from memguard.plan import DEFAULT_MARGIN, KNOBS, TrainingConfig, batch_size_of, estimator
 from memguard.precision import Precision
+from memguard.quiet import quiet
 
 STATE_VERSION = 1
 
@@ -109,20 +110,22 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         if stage != "fit":
             return
         self._run = (trainer, pl_module)
-        decision, error = self._decide_safely(trainer, pl_module)
+        with quiet():
+            decision, error = self._decide_safely(trainer, pl_module)
         verdict = self._agree(trainer, decision, error)
         self._act(trainer, pl_module, verdict)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         try:
-            if self._pending_checkpointing:
-                how = checkpointing.enable(pl_module)
-                self._log(trainer, f"memguard: activation checkpointing on ({how})")
-            if self._pending_optimizer:
-                self._swap_optimizers(trainer, self._pending_optimizer)
-            if self.applied is not None and trainer.logger is not None and self.changes:
-                trainer.logger.log_hyperparams({"memguard/plan": self._summary(),
-                                                "memguard/config": str(vars(self.applied))})
+            with quiet():  # torchao and bitsandbytes while the optimizer is rebuilt
+                if self._pending_checkpointing:
+                    how = checkpointing.enable(pl_module)
+                    self._log(trainer, f"memguard: activation checkpointing on ({how})")
+                if self._pending_optimizer:
+                    self._swap_optimizers(trainer, self._pending_optimizer)
+                if self.applied is not None and trainer.logger is not None and self.changes:
+                    trainer.logger.log_hyperparams({"memguard/plan": self._summary(),
+                                                    "memguard/config": str(vars(self.applied))})
         except Exception as exc:  # noqa: BLE001 - never crash training for memguard's own failure
             if self.policy == "abort":
                 raise MemguardError(f"memguard could not apply its plan: {exc}") from exc

@@ -23,6 +23,7 @@ from memguard.errors import InvalidArgumentError, TraceError
 from memguard.optimizers import ShapeOnlyOptimizer, adam_like_bound, make_factory
 from memguard.precision import Precision
 from memguard.quantization import QuantScheme, quantize_linears, replace_bnb_layers
+from memguard.quiet import quiet
 from memguard.trace import TRACED_MICRO_BATCHES, StepProgram, Trace, TraceCache, default_loss_fn, trace_training
 
 TIMELINE_POINTS = 400
@@ -166,6 +167,7 @@ class Estimate:
 # ---------------------------------------------------------------------------------------------------------
 
 
+@quiet()
 def estimate(
     model: nn.Module,
     batch: Any,

@@ -25,6 +25,7 @@ from memguard.guard import (
 from memguard.optimizers import CATALOG
 from memguard.plan import DEFAULT_MARGIN, TrainingConfig, batch_size_of, estimator
 from memguard.precision import Precision
+from memguard.quiet import quiet
 
 
 def preflight(
@@ -71,8 +72,9 @@ def preflight(
     knobs = tuple(k for k in (allow if allow is not None else ("precision", "optimizer", "micro_batch",
                                                                  "checkpointing"))
                   if k != "checkpointing" or checkpointing.available(model))
-    decision = decide(config, evaluate, capacity, policy=policy, margin=margin, allow=knobs,
-                      optimizers_available=optimizers_available, device_type=target.type)
+    with quiet():  # tracing and planning (torch's logs, the optimizer libraries' imports)
+        decision = decide(config, evaluate, capacity, policy=policy, margin=margin, allow=knobs,
+                          optimizers_available=optimizers_available, device_type=target.type)
     if decision.fits:
         return decision
     message = explain(decision)

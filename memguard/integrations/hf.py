@@ -20,6 +20,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 from memguard import checkpointing
 from memguard.guard import Decision, OutOfMemoryPredicted, check_policy, explain, parse_bytes
 from memguard.plan import DEFAULT_MARGIN, Change
+from memguard.quiet import quiet
 
 _OPTIM = {"adamw8bit": "adamw_bnb_8bit", "ao_adamw8bit": "adamw_torch_8bit", "ao_adamw4bit": "adamw_torch_4bit",
           "adafactor": "adafactor", "paged_adamw8bit": "paged_adamw_8bit"}
@@ -65,7 +66,7 @@ class MemGuardCallback(TrainerCallback):
         batch = self.example_batch if self.example_batch is not None else next(iter(train_dataloader))
         precision = "bf16-mixed" if args.bf16 else "16-mixed" if args.fp16 else "32-true"
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), quiet():
                 warnings.simplefilter("ignore")  # preflight's own warning; this callback words its own
                 decision = preflight(
                     model, dict(batch), optimizer=optimizer if optimizer is not None else "adamw",
