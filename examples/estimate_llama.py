@@ -22,8 +22,8 @@ for checkpointing in (False, True):
         model, {"input_ids": ids, "labels": ids},
         optimizer="adamw", precision="bf16-mixed", device="cuda", gradient_checkpointing=checkpointing,
     )
-    print(f"gradient_checkpointing={checkpointing}: peak {est.peak_bytes / 2**30:.1f} GiB "
+    print(f"example: gradient_checkpointing={checkpointing}: peak {est.peak_bytes / 2**30:.1f} GiB "
           f"(at {est.peak_phase}, traced in {est.seconds:.1f} s)")
     for category, nbytes in est.breakdown.items():
         if nbytes:
-            print(f"  {category.value:16s} {nbytes / 2**30:8.2f} GiB")
+            print(f"example:   {category.value:16s} {nbytes / 2**30:8.2f} GiB")

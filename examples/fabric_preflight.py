@@ -21,4 +21,4 @@ for step in range(3):
     fabric.backward(loss)
     optimizer.step()
     optimizer.zero_grad()
-print(f"trained with precision={fabric.strategy.precision.precision}")
+print(f"example: trained with precision={fabric.strategy.precision.precision}")

@@ -50,7 +50,8 @@ class TinyGPT(pl.LightningModule):
 
 if __name__ == "__main__":
     guard = MemGuard(policy="auto", budget="100MiB")
+    # no progress bar or model summary, so that memguard's lines before the first step stand out
     trainer = pl.Trainer(accelerator="cpu", max_steps=5, callbacks=[guard], logger=False,
-                         enable_checkpointing=False)
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(TinyGPT())
-    print(f"trained with precision={trainer.precision}, plan: {guard._summary()}")
+    print(f"example: trained with precision={trainer.precision}, plan: {guard._summary()}")

@@ -14,7 +14,8 @@ import memguard
 
 def make_model() -> nn.Module:
     layer = nn.TransformerEncoderLayer(128, 4, 512, batch_first=True, norm_first=True)
-    return nn.Sequential(nn.Embedding(512, 128), nn.TransformerEncoder(layer, 4), nn.Linear(128, 512))
+    encoder = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)  # no nested tensors with norm_first
+    return nn.Sequential(nn.Embedding(512, 128), encoder, nn.Linear(128, 512))
 
 
 def loss_fn(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -40,4 +41,4 @@ for step in range(3):
         loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    print(f"step {step}: loss {loss.item() * accumulate:.3f}")
+    print(f"example: step {step}: loss {loss.item() * accumulate:.3f}")

@@ -1,7 +1,7 @@
 """Keep other libraries' chatter out of the user's terminal while memguard works.
 
 memguard imports torchao and bitsandbytes, traces models under torch's fake tensors and profiles real CPU
-kernels. Those libraries talk while that happens: warnings ("enable_nested_tensor is True, but ..."),
+kernels. Those libraries talk while that happens: warnings (deprecations, advice about settings),
 log records (torchao's "Failed to load ..._C_mxfp8", torch's "Enum subclass ... register_constant"), and
 lines that C++ writes straight to the process's stderr (kineto's ``USDT: ... profiler_start`` on every
 profiled kernel). None of it is about the user's run, so memguard prints only its own words.
@@ -26,8 +26,8 @@ configured, and puts back everything it touched when the block ends, also on an 
   library import, file descriptors 1 and 2 point at temporary files; afterwards every line is written
   back except those in the log formats of torch's C++ code (kineto's ``USDT:``/``STAGE:`` lines, c10's
   ``W1206 14:11:09.750000 ...]`` lines). kineto offers no runtime switch for this: ``KINETO_LOG_LEVEL`` is
-  read once, when the first profiler of the process starts, and would then silence the user's own
-  profiling for the rest of the run.
+  read once, when the first profiler of the process starts, and would then silence kineto's messages
+  in the user's own profiling for the rest of the run.
 
 Nested use is cheap: only the outermost block installs anything. ``MEMGUARD_DEBUG=1`` in the environment,
 or the ``--debug`` flag of ``memguard check`` (:func:`verbose`), turns all of it off.
