@@ -236,7 +236,11 @@ def _install_native_filter(undo: contextlib.ExitStack) -> None:
             saved = os.dup(fd)
         except OSError:  # closed (a daemon): nothing to filter
             continue
-        capture = tempfile.TemporaryFile()
+        try:
+            capture = tempfile.TemporaryFile()
+        except OSError:  # no writable temporary directory: better a noisy line than a failed check
+            os.close(saved)
+            continue
         os.dup2(capture.fileno(), fd)
         undo.callback(_replay, fd, saved, capture)
     undo.callback(_flush_all)  # undo runs last-registered-first: flushed before the fds are pointed back
@@ -274,6 +278,6 @@ def _libc() -> Any:
     if not _LIBC:
         try:
             _LIBC.append(ctypes.CDLL(None))
-        except OSError:
+        except (OSError, TypeError):  # no C library to load by name (Windows)
             _LIBC.append(None)
     return _LIBC[0]
