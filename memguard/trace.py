@@ -62,7 +62,7 @@ class Trace:
 
         The module path is the one ``named_modules`` gives (``"model.layers.3.mlp.up_proj"``), or one of the
         bracketed labels below when no module made it. The kind is finer than the category: the operator
-        that made it (``"aten.mm"``, with ``SAVED`` appended when autograd saved it for backward),
+        that made it (``"aten.mm"``, with ``SAVED`` appended when backward released it: autograd kept it),
         ``"parameter"``, ``"buffer"``, ``"gradient"``, ``"input"`` or the optimizer's state key
         (``"exp_avg"``). Allocations added after tracing (a strategy's buckets) are ``UNTRACED``.
         """
@@ -165,7 +165,6 @@ class _Recorder:
         self._mark_owners: list[int] = []
         # id(parameter or its shadow) -> (owner id, the tensor): the reference tells a reused id apart
         self._param_owner: dict[int, tuple[int, weakref.ref]] = {}
-        self._saved: set[int] = set()  # allocations autograd saved for backward in this forward
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -379,19 +378,16 @@ class _Recorder:
         path = self._owner_names[owner] if owner is not None else self.trace.holder_names[self.trace.holders[aid]][0]
         self.trace.holders[aid] = self._pair(path, kind)
 
-    @contextlib.contextmanager
-    def saving(self) -> Iterator[None]:
-        """Note which storages autograd saves for backward meanwhile (their kind says so afterwards)."""
-        saved = self._saved
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            aid = self.aid_of(t)
-            if aid is not None:
-                saved.add(aid)
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, _itself):
-            yield
+    def note_saved(self, events: list[int]) -> None:
+        """Activations that ``events`` (a ``backward()`` call's) free were kept for backward: saved
+        tensors, checkpoint inputs. Their kind says so. Found from the frees afterwards, because a
+        saved-tensor hook would cost an extra dispatch per saved tensor."""
+        categories, holders, names = self.trace.categories, self.trace.holders, self.trace.holder_names
+        for ev in events:
+            if ev < 0 and categories[-ev - 1] is Category.ACTIVATIONS:
+                owner, kind = names[holders[-ev - 1]]
+                if not kind.endswith(SAVED):
+                    holders[-ev - 1] = self._pair(owner, kind + SAVED)
 
     # phases and tags ------------------------------------------------------------------------------------
     def phase(self, name: str) -> None:
@@ -418,16 +414,10 @@ class _Recorder:
                 self._rename(aid, kind, owner_of)
 
     def tag_live_from_current_phase(self, category: Category) -> None:
-        """Everything allocated in the current phase and still alive becomes ``category`` (what autograd
-        saved for backward says so in its kind)."""
-        names = self.trace.holder_names
+        """Everything allocated in the current phase and still alive becomes ``category``."""
         for aid in self._live:
             if self._phase_of_aid[aid] == self._phase_index and self.trace.categories[aid] == Category.OTHER:
                 self.trace.categories[aid] = category
-                if aid in self._saved:
-                    owner, kind = names[self.trace.holders[aid]]
-                    self.trace.holders[aid] = self._pair(owner, kind + SAVED)
-        self._saved.clear()
 
     def finish(self) -> Trace:
         for aid, cat in enumerate(self.trace.categories):
@@ -808,7 +798,7 @@ def _trace_forward_backward(model, batch, label, params, optimizer, program, zer
     live_before = set(recorder._live)
     with _phase(recorder, mode, f"{label}.forward"):
         f0 = len(events)
-        with _autocast(program.autocast_dtype), recorder.saving():
+        with _autocast(program.autocast_dtype):
             loss = program.loss_fn(model, batch)
         if not isinstance(loss, torch.Tensor):
             raise TraceError(f"loss_fn returned {type(loss).__name__}; it must return a scalar tensor.")
@@ -821,6 +811,7 @@ def _trace_forward_backward(model, batch, label, params, optimizer, program, zer
         b0 = len(events)
         if loss.requires_grad:
             loss.backward()
+            recorder.note_saved(events[b0:])
         del loss
         grads = []
         for p in params:
