@@ -132,6 +132,16 @@ def _schema() -> dict[str, Any]:
               "timeline": {"type": "array", "items": {
                   "type": "object", "required": ["index", "phase", "allocated_bytes"],
                   "properties": {"index": integer, "phase": string, "allocated_bytes": integer}}}}
+    group = {"type": "object", "required": ["name", "bytes", "count", "category", "parts"],
+             "properties": {"name": string, "bytes": integer, "count": integer, "category": nullable_string,
+                            "parts": {"type": "array", "items": {"type": "object", "required": ["name", "bytes"],
+                                                                 "properties": {"name": string, "bytes": integer}}}}}
+    holder = {"type": "object", "required": ["module", "kind", "category", "bytes", "count"],
+              "properties": {"module": string, "kind": string, "category": string, "bytes": integer, "count": integer}}
+    memory["holders"] = {"type": "object", "required": ["by_module", "by_kind", "all"],
+                         "properties": {"by_module": {"type": "array", "items": group},
+                                        "by_kind": {"type": "array", "items": group},
+                                        "all": {"type": "array", "items": holder}}}
     estimate = {"type": "object", "required": list(memory), "properties": memory}
     change = {"type": "object", "required": ["knob", "before", "after", "how", "cost", "why"],
               "properties": {"knob": {"enum": ["precision", "optimizer", "micro_batch", "checkpointing",
