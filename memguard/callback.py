@@ -44,8 +44,13 @@ from memguard.optimizers import CATALOG
 from memguard.plan import DEFAULT_MARGIN, KNOBS, TrainingConfig, batch_size_of, estimator
 from memguard.precision import Precision
 from memguard.quiet import quiet
+from memguard.report import format_bytes
 
 STATE_VERSION = 1
+
+FORWARD_ONLY_NOTE = ("The batch came from example_input_array because the run has no train dataloader: only a "
+                     "forward pass with the summed output as the loss was traced, so the prediction is probably low "
+                     "(no real loss, and its batch size may not be the real one). Pass MemGuard(example_batch=...).")
 
 
 class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
@@ -59,8 +64,9 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         "checkpointing"); [] forbids any change. "offload" and "sharding" are accepted but never applied
         here: this callback installs no host-offloading optimizer, and the strategy is launched before it
         runs (``memguard check`` proposes both).
-    example_batch: a batch exactly as ``training_step`` receives it; otherwise the module's
-        ``example_input_array`` (forward only), otherwise the first batch of the train dataloader.
+    example_batch: a batch exactly as ``training_step`` receives it; otherwise the first batch of the
+        train dataloader; only when the run has none, the module's ``example_input_array`` (a forward pass
+        alone, said in the report to be probably low).
     batch_arg_name: the attribute (on the module, its hparams or the datamodule) that sets the
         dataloader's batch size, for the micro-batch knob.
     check_steps: after this many training steps on CUDA, compare the prediction with the real peak.
@@ -99,6 +105,7 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         self.applied: TrainingConfig | None = None
         self.changes: list[dict] = []
         self.batch_source = ""
+        self.forward_only = False
         self._pending_optimizer: str | None = None
         self._pending_checkpointing = False
         self._resumed = False
@@ -144,8 +151,8 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
             reserved = torch.cuda.max_memory_reserved(device)
             est = self._expected_estimate()
             msg = (f"memguard self-check after {trainer.global_step} steps: max_memory_allocated "
-                   f"{allocated / 2**30:.2f} GiB (predicted {est.peak_bytes / 2**30:.2f} GiB), "
-                   f"max_memory_reserved {reserved / 2**30:.2f} GiB (predicted {est.reserved_bytes / 2**30:.2f} GiB)")
+                   f"{format_bytes(allocated)} (predicted {format_bytes(est.peak_bytes)}), "
+                   f"max_memory_reserved {format_bytes(reserved)} (predicted {format_bytes(est.reserved_bytes)})")
             self._log(trainer, msg)
             if allocated > est.peak_bytes or reserved > est.reserved_bytes:
                 warnings.warn(msg + ": the prediction was exceeded", stacklevel=2)
@@ -207,9 +214,12 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
 
         evaluate = estimator(model, batch, optimizers={optimizer_name: {"optimizer": optimizer_factory}}, **fixed)
         allow = self._allowed_knobs(trainer, pl_module, device, optimizer_name)
-        return decide(config, evaluate, capacity, policy=self.policy, margin=self.margin, allow=allow,
-                      allow_bf16_true=self.allow_bf16_true, optimizers_available=optimizers_available,
-                      device_type=device.type)
+        decision = decide(config, evaluate, capacity, policy=self.policy, margin=self.margin, allow=allow,
+                          allow_bf16_true=self.allow_bf16_true, optimizers_available=optimizers_available,
+                          device_type=device.type)
+        if self.forward_only:
+            decision.notes.append(FORWARD_ONLY_NOTE)
+        return decision
 
     def _current_config(self, trainer: Any, pl_module: Any, batch: Any) -> TrainingConfig:
         precision = str(Precision.parse(trainer.precision))
@@ -235,19 +245,43 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         return twin
 
     def _example(self, trainer: Any, pl_module: Any) -> tuple[Any, Any]:
-        """The example batch and the loss function that consumes it, and say where the batch came from."""
+        """The batch to trace and the loss function that consumes it, and say where the batch came from.
+
+        The real training step on a real batch comes first: ``example_input_array`` is a forward-only
+        example, often of a toy batch size, so it is used only when the run has no train dataloader."""
         step_loss = self.loss_fn or _training_step_loss
+        self.forward_only = False
         if self.example_batch is not None:
-            self.batch_source = "the example_batch given to MemGuard"
+            self.batch_source = "the example_batch given to MemGuard, through training_step"
             return self.example_batch, step_loss
+        first = self._first_training_batch(trainer)
+        if first is not None:
+            self.batch_source = "the first batch of the train dataloader, through training_step"
+            return first, step_loss
         example = getattr(pl_module, "example_input_array", None)
         if example is not None:
-            self.batch_source = "the module's example_input_array (forward pass, summed output as the loss)"
+            self.batch_source = "the module's example_input_array (no train dataloader to read)"
+            self.forward_only = True
             return example, self.loss_fn or _forward_sum_loss
-        loader = trainer.fit_loop._data_source.dataloader()
+        raise MemguardError("memguard found no batch to trace: the run has no train dataloader yet and the module "
+                            "no example_input_array; pass MemGuard(example_batch=...) with a batch as "
+                            "training_step receives it")
+
+    @staticmethod
+    def _first_training_batch(trainer: Any) -> Any:
+        """The first batch of a fresh iterator over the train dataloader (None when the run defines none);
+        warns when the second batch has another shape, since only the first is traced."""
+        source = trainer.fit_loop._data_source
+        if not source.is_defined():
+            return None
+        loader = source.dataloader()
+        if loader is None:
+            return None
         iterator = iter(loader)
-        first = next(iterator)
-        self.batch_source = "the first batch of the train dataloader"
+        try:
+            first = next(iterator)
+        except StopIteration:
+            return None
         try:
             second = next(iterator)
             if _shapes(second) != _shapes(first):
@@ -256,7 +290,8 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
                               stacklevel=2)
         except StopIteration:
             pass
-        return first, step_loss
+        del iterator
+        return first
 
     def _optimizers(self, pl_module: Any, device: torch.device) -> tuple[Any, str]:
         optimizer = first_optimizer(pl_module.configure_optimizers())
@@ -314,7 +349,8 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
             warnings.warn(msg + "; training continues unchanged", stacklevel=2)
             return
         if self.decision is not None:
-            self._log(trainer, f"memguard: example batch from {self.batch_source}. {explain(self.decision)}")
+            self._log(trainer, explain(self.decision))
+            self._log(trainer, f"memguard: traced {self.batch_source}; step order: {self.decision.estimate.step_order}.")
         if action == "fits":
             return
         if action == "nothing_fits" or self.policy == "abort":

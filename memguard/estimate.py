@@ -119,6 +119,10 @@ class Estimate:
     largest first; the bytes add up to ``peak_bytes``. :meth:`top_holders` rolls them up."""
     phases: list[tuple[int, str]] = field(default_factory=list)
     """Where each traced phase (``"step1.forward"``...) starts, in the event indices of ``timeline``."""
+    step_order: str = ""
+    """The order of the traced training step (see :func:`step_order`): where ``zero_grad`` runs decides
+    whether the previous step's gradients are alive during the forward, which can move the peak by the
+    size of the gradients."""
 
     def top_holders(self, n: int | None = 8, *, by: str = "module", depth: int | None = None,
                     parts: int = 3) -> list[HolderGroup]:
@@ -161,6 +165,7 @@ class Estimate:
             "approximate": self.approximate,
             "notes": list(self.notes),
             "holders": [h.to_dict() for h in self.holders],
+            "step_order": self.step_order,
         }
 
 
@@ -311,8 +316,24 @@ def estimate(
     result.precision = str(prec)
     result.optimizer = (opt_label if optimizer_offload else f"{opt_label} ({impl})") if factory is not None else "none"
     result.notes = notes + trace.notes + dev.notes()
+    result.step_order = step_order(zero_grad_before_backward, accumulate_grad_batches)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def step_order(zero_grad_before_backward: bool, accumulate_grad_batches: int = 1) -> str:
+    """The traced step order in words, for every report: the Lightning order keeps the previous step's
+    gradients alive through the forward, a plain loop frees them before it, so the two predict different
+    peaks for the same model."""
+    if zero_grad_before_backward:
+        order = ("forward, zero_grad, backward, optimizer step (Lightning's automatic optimization: the "
+                 "previous step's gradients are alive during the forward)")
+    else:
+        order = ("forward, backward, optimizer step, zero_grad(set_to_none=True) (a plain PyTorch loop: "
+                 "gradients are freed before the next forward)")
+    if accumulate_grad_batches > 1:
+        order += f"; {accumulate_grad_batches} micro-batches per optimizer step"
+    return order
 
 
 def _batch_key(batch: Any) -> tuple:

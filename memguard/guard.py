@@ -115,7 +115,15 @@ class Decision:
     margin: float
     capacity_source: str = ""
     notes: list[str] = field(default_factory=list)
+    """What the reader must know about this decision beyond the estimate (a forward-only example batch)."""
     device_type: str = "cuda"
+    dialect: str = "lightning"
+    """Whose words the plan's changes are given in: "lightning", "transformers" or "pytorch" (memguard.advice)."""
+
+    @property
+    def shown_plan(self) -> Plan | None:
+        """The plan as this front end's user makes it by hand."""
+        return self.plan.described_as(self.dialect) if self.plan is not None else None
 
     @property
     def required_bytes(self) -> int:
@@ -176,8 +184,8 @@ class Decision:
     def __str__(self) -> str:
         from memguard.report import render_report
 
-        return render_report(self.estimate, self.capacity_bytes, plan=self.plan if not self.fits else None,
-                             margin=self.margin)
+        return render_report(self.estimate, self.capacity_bytes, plan=self.shown_plan if not self.fits else None,
+                             margin=self.margin, notes=self.notes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -208,6 +216,7 @@ def decide(
     allow_bf16_true: bool = False,
     optimizers_available: Iterable[str] | Callable[[], Iterable[str]] | None = None,
     device_type: str = "cuda",
+    dialect: str = "lightning",
 ) -> Decision:
     """Estimate ``config``; if it does not fit, search for the cheapest plan that does (all policies plan,
     so abort and warn can say what would have fit). ``optimizers_available`` may be a function, asked only
@@ -224,7 +233,7 @@ def decide(
         chosen_plan = plan(config, evaluate, capacity.bytes, allow=allow, bf16_supported=capacity.bf16,
                            allow_bf16_true=allow_bf16_true, margin=margin, base_estimate=base, **kwargs)
     return Decision(fits, base, capacity.bytes, config, chosen_plan, policy, margin, capacity.source,
-                    device_type=device_type)
+                    device_type=device_type, dialect=dialect)
 
 
 def explain(decision: Decision) -> str:
@@ -236,15 +245,17 @@ def explain(decision: Decision) -> str:
     head = (f"memguard: predicted {need} needed (peak {format_bytes(decision.estimate.peak_bytes)} allocated, "
             f"{format_bytes(decision.estimate.device_bytes)} on the device, margin {decision.margin:.0%}) "
             f"against {cap} available ({decision.capacity_source}).")
+    caveats = "".join(f" {note}" for note in decision.notes)
+    plan = decision.shown_plan
     if decision.fits:
-        return head + " It fits."
-    if decision.plan is not None and decision.plan.fits:
-        changes = "; ".join(str(c) for c in decision.plan.changes)
-        return head + f" It does not fit as configured. This plan fits ({format_bytes(decision.plan.required_bytes)}): {changes}."
-    if decision.plan is not None:
-        return head + (f" Nothing allowed fits; the closest ({format_bytes(decision.plan.required_bytes)}) is: "
-                       + ("; ".join(str(c) for c in decision.plan.changes) or "as configured") + ".")
-    return head + " It does not fit."
+        return head + " It fits." + caveats
+    if plan is not None and plan.fits:
+        changes = "; ".join(str(c) for c in plan.changes)
+        return head + f" It does not fit as configured. This plan fits ({format_bytes(plan.required_bytes)}): {changes}." + caveats
+    if plan is not None:
+        return head + (f" Nothing allowed fits; the closest ({format_bytes(plan.required_bytes)}) is: "
+                       + ("; ".join(str(c) for c in plan.changes) or "as configured") + ".") + caveats
+    return head + " It does not fit." + caveats
 
 
 # ---------------------------------------------------------------------------------------------------------

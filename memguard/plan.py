@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
+from memguard.advice import how_to
 from memguard.errors import InvalidArgumentError, unknown_name
 from memguard.estimate import Estimate, estimate
 
@@ -116,6 +117,11 @@ class Plan:
     @property
     def headroom_bytes(self) -> int:
         return self.capacity_bytes - self.required_bytes
+
+    def described_as(self, dialect: str) -> Plan:
+        """The same plan with each change's ``how`` in the words of ``dialect`` (see memguard.advice)."""
+        changes = [replace(c, how=how_to(c.knob, c.after, dialect)) for c in self.changes]
+        return replace(self, changes=changes)
 
 
 Evaluate = Callable[[TrainingConfig], Estimate]
@@ -266,17 +272,17 @@ def _levels(knob: str, base: TrainingConfig, bf16: bool, bf16_true: bool, optimi
         if base.precision == "32-true":
             target = "bf16-mixed" if bf16 else "16-mixed"
             out.append(({"precision": target}, Change("precision", base.precision, target,
-                                                      f"Trainer(precision='{target}')", 1.0,
+                                                      how_to("precision", target), 1.0,
                                                       "mixed precision: usually faster, numerics change slightly")))
         if bf16_true and bf16 and base.precision in ("32-true", "bf16-mixed", "16-mixed"):
             out.append(({"precision": "bf16-true"}, Change("precision", base.precision, "bf16-true",
-                                                           "Trainer(precision='bf16-true')", 2.0,
+                                                           how_to("precision", "bf16-true"), 2.0,
                                                            "weights and optimizer state in bf16 lose precision")))
         return out
     if knob == "optimizer":
         if base.optimizer not in _ADAM_FAMILY:
             return []
-        return [({"optimizer": name}, Change("optimizer", base.optimizer, name, _optimizer_how(name),
+        return [({"optimizer": name}, Change("optimizer", base.optimizer, name, how_to("optimizer", name),
                                              _OPTIMIZER_COST[name], _OPTIMIZER_WHY[name]))
                 for name in _OPTIMIZER_COST if name in optimizers]
     if knob == "micro_batch":
@@ -287,7 +293,7 @@ def _levels(knob: str, base: TrainingConfig, bf16: bool, bf16_true: bool, optimi
             new, acc = size // factor, base.accumulate_grad_batches * factor
             out.append(({"micro_batch_size": new, "accumulate_grad_batches": acc},
                         Change("micro_batch", f"{size} x {base.accumulate_grad_batches}", f"{new} x {acc}",
-                               f"batch_size={new}, Trainer(accumulate_grad_batches={acc})", cost,
+                               how_to("micro_batch", f"{new} x {acc}"), cost,
                                "smaller micro-batches lower GPU utilisation; effective batch unchanged")))
             factor *= 2
         return out
@@ -295,30 +301,21 @@ def _levels(knob: str, base: TrainingConfig, bf16: bool, bf16_true: bool, optimi
         if base.gradient_checkpointing:
             return []
         return [({"gradient_checkpointing": True},
-                 Change("checkpointing", "off", "on", "activation checkpointing on the repeated blocks", 3.0,
+                 Change("checkpointing", "off", "on", how_to("checkpointing", "on"), 3.0,
                         "recomputes the forward in backward: about a third more compute"))]
     if knob == "sharding":
         current = base.strategy or strategy or "auto"
         if world_size <= 1 or current not in _REPLICATING:
             return []
-        return [({"strategy": name}, Change("sharding", current, name, f"Trainer(strategy='{name}')", cost, why))
+        return [({"strategy": name}, Change("sharding", current, name, how_to("sharding", name), cost, why))
                 for name, (cost, why) in _SHARDING.items()]
     if knob == "offload":
         if base.optimizer_offload:
             return []
         return [({"optimizer_offload": True},
-                 Change("offload", "off", "on", "optimizer state in host memory", 6.0,
+                 Change("offload", "off", "on", how_to("offload", "on"), 6.0,
                         "the optimizer step waits on host transfers"))]
     raise unknown_name("knob", knob, KNOBS)
-
-
-def _optimizer_how(name: str) -> str:
-    return {
-        "adamw8bit": "bitsandbytes.optim.AdamW8bit",
-        "ao_adamw8bit": "torchao.optim.AdamW8bit",
-        "ao_adamw4bit": "torchao.optim.AdamW4bit",
-        "adafactor": "torch.optim.Adafactor",
-    }[name]
 
 
 def slice_batch(batch: Any, size: int) -> Any:

@@ -43,6 +43,7 @@ def preflight(
     gradient_checkpointing: bool | None = None,
     accumulate_grad_batches: int = 1,
     quantization: str | None = None,
+    dialect: str = "pytorch",
 ) -> Decision:
     """Check a run before its first step: predict, compare with the device, then act by ``policy``.
 
@@ -54,6 +55,10 @@ def preflight(
     configured. warn: warns and returns. auto: returns a Decision whose plan the caller applies with
     ``model, optimizer = decision.apply(model, optimizer)``, ``decision.autocast()`` and
     ``decision.micro_batch_size`` / ``decision.accumulate_grad_batches``; raises if nothing fits.
+
+    The traced step is a plain loop's (forward, backward, optimizer step, zero_grad); every report says
+    so. ``dialect`` words the plan for the loop it is applied to ("pytorch", "lightning" for Fabric users
+    who think in Trainer arguments, "transformers").
     """
     check_policy(policy)
     target = _device(device)
@@ -74,7 +79,7 @@ def preflight(
                   if k != "checkpointing" or checkpointing.available(model))
     with quiet():  # tracing and planning (torch's logs, the optimizer libraries' imports)
         decision = decide(config, evaluate, capacity, policy=policy, margin=margin, allow=knobs,
-                          optimizers_available=optimizers_available, device_type=target.type)
+                          optimizers_available=optimizers_available, device_type=target.type, dialect=dialect)
     if decision.fits:
         return decision
     message = explain(decision)

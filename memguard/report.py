@@ -97,8 +97,10 @@ _ORDER = (*ALLOCATED_CATEGORIES, Category.ALLOCATOR, Category.CONTEXT)
 """Report order: allocated categories, then what the device holds on top of them."""
 
 
-def _gib(n: int) -> str:
-    return format_bytes(n, "GiB")
+def unit_for(n: int) -> str:
+    """The unit a table of sizes up to ``n`` is written in: the largest binary unit in which ``n`` is at
+    least 1, so a 100 MiB budget reads "100.00 MiB", not "0.10 GiB"."""
+    return next((u for u in ("TiB", "GiB", "MiB", "KiB") if abs(n) >= _UNITS[u]), "B")
 
 
 def _pct(n: int, capacity: int) -> str:
@@ -128,9 +130,13 @@ def render_report(
     margin = DEFAULT_MARGIN if margin is None else margin
     need = required_bytes(estimate, margin)
     where = f" on {gpu_name}" if gpu_name else ""
+    unit = unit_for(max(capacity_bytes, need, plan.required_bytes if plan is not None else 0))
     lines = [_verdict(need, capacity_bytes, plan, where, margin), ""]
-    lines.append(f"Memory at the predicted peak ({estimate.peak_phase}), against {_gib(capacity_bytes)} of capacity:")
-    lines.append(_indent(_breakdown_table(estimate, capacity_bytes, plan, margin)))
+    if estimate.step_order:
+        lines += [textwrap.fill(f"Traced step: {estimate.step_order}.", width=_WRAP), ""]
+    lines.append(f"Memory at the predicted peak ({estimate.peak_phase}), against {format_bytes(capacity_bytes)} "
+                 "of capacity:")
+    lines.append(_indent(_breakdown_table(estimate, capacity_bytes, plan, margin, unit)))
     lines.append("")
     bars = [("as configured", estimate)] + ([("with plan", plan.estimate)] if plan is not None else [])
     lines.append(_indent(_bars(bars, capacity_bytes, margin)))
@@ -155,20 +161,21 @@ def margin_policy(margin: float) -> str:
 
 
 def _verdict(need: int, capacity: int, plan: Plan | None, where: str, margin: float) -> str:
-    needs = f"needs {_gib(need)} (margin {margin:.0%} included) of {_gib(capacity)}"
+    size = format_bytes
+    needs = f"needs {size(need)} (margin {margin:.0%} included) of {size(capacity)}"
     if need <= capacity:
-        return f"FITS{where}: {needs} ({_pct(need, capacity)}); headroom {_gib(capacity - need)}."
-    head = f"DOES NOT FIT{where} as configured: {needs}; {_gib(need - capacity)} short."
+        return f"FITS{where}: {needs} ({_pct(need, capacity)}); headroom {size(capacity - need)}."
+    head = f"DOES NOT FIT{where} as configured: {needs}; {size(need - capacity)} short."
     if plan is None:
         return head
     if plan.fits:
-        return head + (f"\nThe plan below fits: it needs {_gib(plan.required_bytes)}; "
-                       f"headroom {_gib(plan.headroom_bytes)}.")
+        return head + (f"\nThe plan below fits: it needs {size(plan.required_bytes)}; "
+                       f"headroom {size(plan.headroom_bytes)}.")
     return head + (f"\nNothing the planner may change fits: the closest of {len(plan.tried)} configurations tried "
-                   f"needs {_gib(plan.required_bytes)}, {_gib(-plan.headroom_bytes)} short.")
+                   f"needs {size(plan.required_bytes)}, {size(-plan.headroom_bytes)} short.")
 
 
-def _breakdown_table(estimate: Estimate, capacity: int, plan: Plan | None, margin: float) -> str:
+def _breakdown_table(estimate: Estimate, capacity: int, plan: Plan | None, margin: float, unit: str) -> str:
     from memguard.plan import required_bytes
 
     columns = [estimate] + ([plan.estimate] if plan is not None else [])
@@ -179,7 +186,7 @@ def _breakdown_table(estimate: Estimate, capacity: int, plan: Plan | None, margi
     def row(label: str, values: list[int]) -> list[str]:
         cells = [label]
         for v in values:
-            cells += [_gib(v), _pct(v, capacity)]
+            cells += [format_bytes(v, unit), _pct(v, capacity)]
         return cells
 
     rows = []
@@ -348,7 +355,7 @@ def render_check(result: CheckResult) -> str:
     if many:
         lines += ["", _comparison(result)]
     for target in result.targets:
-        lines += ["", f"== {target.target.name}: {_gib(target.target.capacity_bytes)} ({target.target.source}) =="]
+        lines += ["", f"== {target.target.name}: {format_bytes(target.target.capacity_bytes)} ({target.target.source}) =="]
         lines.append(render_report(target.estimate, target.target.capacity_bytes, plan=target.plan,
                                    gpu_name=target.target.name, margin=spec.margin, notes=target.notes,
                                    policy=not many))
@@ -361,16 +368,18 @@ def render_check(result: CheckResult) -> str:
 
 
 def _comparison(result: CheckResult) -> str:
+    unit = unit_for(max(max(t.target.capacity_bytes, t.required_bytes) for t in result.targets))
     rows = []
     for t in result.targets:
         if t.fits:
-            verdict, detail = "fits", f"headroom {_gib(t.target.capacity_bytes - t.required_bytes)}"
+            verdict, detail = "fits", f"headroom {format_bytes(t.target.capacity_bytes - t.required_bytes)}"
         elif t.plan is not None and t.plan.fits:
             verdict = "fits with plan"
             detail = "; ".join(f"{c.knob} {c.before} -> {c.after}" for c in t.plan.changes)
         else:
-            verdict, detail = "does not fit", f"{_gib(t.required_bytes - t.target.capacity_bytes)} short"
-        rows.append([t.target.name, _gib(t.target.capacity_bytes), _gib(t.required_bytes), verdict, detail])
+            verdict, detail = "does not fit", f"{format_bytes(t.required_bytes - t.target.capacity_bytes)} short"
+        rows.append([t.target.name, format_bytes(t.target.capacity_bytes, unit), format_bytes(t.required_bytes, unit),
+                     verdict, detail])
     return render_table(["gpu", "capacity", "required", "verdict", "detail"], rows, align="<>><<")
 
 
@@ -473,6 +482,7 @@ def _estimate_json(est: Estimate, capacity: int, margin: float) -> dict[str, Any
         "precision": est.precision,
         "optimizer": est.optimizer,
         "approximate": est.approximate,
+        "step_order": est.step_order,
         "timeline": [{"index": p.index, "phase": p.phase, "allocated_bytes": p.allocated_bytes} for p in est.timeline],
         "holders": _holders_json(est),
     }

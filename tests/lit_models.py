@@ -41,7 +41,7 @@ class LitDecoder(pl.LightningModule):
         if self.trainer.optimizers:  # empty while memguard traces this step before training
             inner = self.trainer.optimizers[0]
             self.seen["optimizer"].append(type(inner).__name__)
-            self.seen["lr"].append(inner.param_groups[0]["lr"])
+            self.seen["lr"].append(float(inner.param_groups[0]["lr"]))  # torchao keeps it in a tensor
         loss = self.net(batch)
         self.log("train_loss", loss)
         return loss

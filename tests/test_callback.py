@@ -10,6 +10,8 @@ import torch
 from memguard import MemguardError
 from memguard.callback import MemGuard, precision_plugin
 from memguard.guard import OutOfMemoryPredicted
+from memguard.optimizers import available, real_class
+from memguard.plan import OPTIMIZER_CHOICES
 from lit_models import LitDecoder, pl
 
 
@@ -52,7 +54,7 @@ def test_auto_switches_to_bf16_mixed_when_that_is_the_cheapest_fit() -> None:
     assert callback.applied.precision == "bf16-mixed"
     assert set(model.seen["dtype"]) == {torch.bfloat16}  # autocast really active in training_step
     assert trainer.precision == "bf16-mixed"
-    assert trainer.global_step == 3
+    assert set(model.seen["batch"]) == {8} and trainer.global_step == 3
 
 
 def test_auto_lowers_micro_batch_and_keeps_the_effective_batch() -> None:
@@ -64,6 +66,7 @@ def test_auto_lowers_micro_batch_and_keeps_the_effective_batch() -> None:
     assert trainer.accumulate_grad_batches == config.accumulate_grad_batches
     assert config.micro_batch_size * config.accumulate_grad_batches == 8
     assert model.batch_size == config.micro_batch_size
+    assert len(model.seen["batch"]) == 3 * config.accumulate_grad_batches and trainer.global_step == 3
 
 
 def test_auto_turns_on_checkpointing() -> None:
@@ -73,17 +76,24 @@ def test_auto_turns_on_checkpointing() -> None:
     model, callback, trainer = _fit(["checkpointing"], need)
     assert callback.applied.gradient_checkpointing
     assert all(getattr(b, "_memguard_checkpointed", False) for b in model.net.blocks)
+    assert set(model.seen["batch"]) == {8} and trainer.global_step == 3
 
 
-def test_auto_swaps_the_optimizer_and_the_scheduler_follows() -> None:
-    pytest.importorskip("bitsandbytes")
-    base = _requirements(["optimizer"])[0][1]
-    model, callback, trainer = _fit(["optimizer"], base - 1)  # the cheapest optimizer change is 8-bit AdamW
-    assert callback.applied.optimizer in ("adamw8bit", "ao_adamw8bit")
-    assert "8bit" in model.seen["optimizer"][0]
+@pytest.mark.parametrize("name", OPTIMIZER_CHOICES)
+def test_auto_swaps_to_each_optimizer_the_planner_can_choose(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each swap, one at a time: three real steps on the new class, the scheduler still driving it."""
+    if not available(name):
+        pytest.skip(f"{name} is not installed")
+    monkeypatch.setattr("memguard.callback.optimizers_available", lambda: (name,))
+    tried = _requirements(["optimizer"])
+    assert [c.optimizer for c, _ in tried] == ["adamw", name]
+    model, callback, trainer = _fit(["optimizer"], tried[1][1])
+    assert callback.applied.optimizer == name
+    assert model.seen["optimizer"] == [real_class(name).__name__] * 3 and trainer.global_step == 3
     # StepLR halves the learning rate every step on the new optimizer: the scheduler still drives it
     assert model.seen["lr"] == pytest.approx([1e-3, 5e-4, 2.5e-4])
     assert trainer.optimizers[0].param_groups[0]["weight_decay"] == 0.05
+    assert set(model.seen["batch"]) == {8}  # the effective batch is the run's own
 
 
 def test_abort_raises_before_the_first_step() -> None:
@@ -269,22 +279,51 @@ def test_model_built_in_configure_model_is_estimated_in_full() -> None:
 
 
 class WithExampleInput(LitDecoder):
+    """A toy example_input_array of 2 samples beside a real train dataloader of 8."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.example_input_array = torch.zeros(8, 64, dtype=torch.long)
+        self.example_input_array = torch.zeros(2, 64, dtype=torch.long)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.net(ids)
 
 
-def test_example_input_array_and_example_batch_sources() -> None:
+class ExampleInputOnly(WithExampleInput):
+    train_dataloader = None  # type: ignore[assignment]
+
+
+def test_the_real_first_batch_comes_before_example_input_array() -> None:
     cb = MemGuard(policy="warn", budget="4GiB")
     _trainer(cb, max_steps=1).fit(WithExampleInput())
-    assert "example_input_array" in cb.batch_source
+    assert "first batch of the train dataloader" in cb.batch_source
+    assert cb.decision.config.micro_batch_size == 8  # the dataloader's batch, not the example's 2
+    assert not cb.decision.notes
     cb2 = MemGuard(policy="warn", budget="4GiB", example_batch=torch.zeros(8, 64, dtype=torch.long))
     _trainer(cb2, max_steps=1).fit(LitDecoder())
     assert "example_batch given" in cb2.batch_source
     assert cb2.decision.estimate.peak_bytes > 0
+
+
+def test_micro_batch_plan_halves_the_real_batch_not_the_example() -> None:
+    """With example_input_array of 2 and a dataloader of 8, the plan must keep an effective batch of 8."""
+    tried = _requirements(["micro_batch"])
+    config, need = tried[1]
+    model = WithExampleInput()
+    callback = MemGuard(policy="auto", budget=need, allow=["micro_batch"])
+    trainer = _trainer(callback)
+    trainer.fit(model)
+    assert callback.applied.micro_batch_size * callback.applied.accumulate_grad_batches == 8
+    assert set(model.seen["batch"]) == {callback.applied.micro_batch_size} and trainer.global_step == 3
+
+
+def test_example_input_array_without_a_dataloader_is_said_to_be_forward_only() -> None:
+    cb = MemGuard(policy="warn", budget="4GiB")
+    with pytest.raises(Exception, match="train_dataloader"):  # Lightning's own complaint, after memguard decided
+        _trainer(cb, max_steps=1).fit(ExampleInputOnly())
+    assert "example_input_array" in cb.batch_source
+    assert any("forward pass" in n and "probably low" in n for n in cb.decision.notes)
+    assert "probably low" in str(cb.decision)
 
 
 class VaryingLengths(LitDecoder):

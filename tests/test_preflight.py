@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 
 import memguard
 from memguard import OutOfMemoryPredicted
-from memguard.plan import TrainingConfig, estimator, required_bytes
+from memguard.optimizers import available, real_class
+from memguard.plan import OPTIMIZER_CHOICES, TrainingConfig, estimator, required_bytes
 from groundtruth import measure_peak
 from zoo import Decoder, _ids
 
@@ -106,6 +108,32 @@ def test_auto_swaps_optimizer_and_turns_on_checkpointing() -> None:
     if chosen.gradient_checkpointing:
         assert memguard.checkpointing.is_enabled(model)
     _train(model, new_opt, decision)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_CHOICES)
+def test_apply_swaps_to_each_optimizer_the_planner_can_choose(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not available(name):
+        pytest.skip(f"{name} is not installed")
+    monkeypatch.setattr(importlib.import_module("memguard.preflight"), "optimizers_available", lambda: (name,))
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, eps=1e-6)
+    target = TrainingConfig(precision="32-true", optimizer=name, micro_batch_size=4)
+    decision = memguard.preflight(model, BATCH, optimizer=opt, device="cpu", budget=_need(target), policy="auto",
+                                  allow=["optimizer"])
+    assert decision.chosen.optimizer == name
+    model, new_opt = decision.apply(model, opt)
+    assert type(new_opt) is real_class(name) and float(new_opt.param_groups[0]["lr"]) == pytest.approx(3e-4)
+    _train(model, new_opt, decision, steps=3)
+    assert new_opt.state
+
+
+def test_the_report_speaks_the_plain_loop() -> None:
+    target = TrainingConfig(precision="32-true", optimizer="adamw", micro_batch_size=1, accumulate_grad_batches=4)
+    decision = memguard.preflight(_model(), BATCH, optimizer="adamw", device="cpu", budget=_need(target),
+                                  policy="auto", allow=["micro_batch"])
+    text = str(decision)
+    assert "decision.micro_batch_size" in text and "Trainer(" not in text
+    assert "a plain PyTorch loop" in text  # the traced step order is stated
 
 
 def test_micro_batch_plan_keeps_the_effective_batch() -> None:

@@ -17,40 +17,29 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
     raise ImportError("memguard.integrations.hf needs transformers: pip install 'memguard[transformers]'") from exc
 
-from memguard import checkpointing
+from memguard import advice, checkpointing
 from memguard.guard import Decision, OutOfMemoryPredicted, check_policy, explain, parse_bytes
 from memguard.plan import DEFAULT_MARGIN, Change
 from memguard.quiet import quiet
-
-_OPTIM = {"adamw8bit": "adamw_bnb_8bit", "ao_adamw8bit": "adamw_torch_8bit", "ao_adamw4bit": "adamw_torch_4bit",
-          "adafactor": "adafactor", "paged_adamw8bit": "paged_adamw_8bit"}
-
 
 def training_arguments(changes: list[Change]) -> dict[str, Any]:
     """The TrainingArguments that apply a plan's changes."""
     out: dict[str, Any] = {}
     for change in changes:
-        if change.knob == "precision":
-            out.update({"bf16": True} if change.after.startswith("bf16") else {"fp16": True})
-        elif change.knob == "optimizer":
-            out["optim"] = _OPTIM.get(change.after, change.after)
-        elif change.knob == "checkpointing":
-            out["gradient_checkpointing"] = True
-        elif change.knob == "micro_batch":
-            micro, acc = (int(x) for x in change.after.split(" x "))
-            out["per_device_train_batch_size"] = micro
-            out["gradient_accumulation_steps"] = acc
+        out.update(advice.training_arguments(change.knob, change.after))
     return out
 
 
 class MemGuardCallback(TrainerCallback):
     """Check a transformers Trainer run before its first step.
 
-    policy: "abort" (default) raises memguard.OutOfMemoryPredicted, "warn" warns, "auto" turns on
-    activation checkpointing when that alone makes the run fit and aborts otherwise.
+    policy: "auto" (default, as for the Lightning callback) turns on activation checkpointing when that
+    alone makes the run fit; any other change (precision, optimizer, batch size) must be made in
+    TrainingArguments before the Trainer is built, so auto then stops the run with the arguments to set.
+    "abort" raises memguard.OutOfMemoryPredicted unless the run fits as configured; "warn" warns.
     """
 
-    def __init__(self, policy: str = "abort", budget: int | str | None = None, margin: float = DEFAULT_MARGIN,
+    def __init__(self, policy: str = "auto", budget: int | str | None = None, margin: float = DEFAULT_MARGIN,
                  example_batch: Any = None) -> None:
         self.policy = check_policy(policy)
         self.budget = parse_bytes(budget)
@@ -72,7 +61,7 @@ class MemGuardCallback(TrainerCallback):
                     model, dict(batch), optimizer=optimizer if optimizer is not None else "adamw",
                     precision=precision, device=args.device, budget=self.budget, policy="warn", margin=self.margin,
                     gradient_checkpointing=bool(args.gradient_checkpointing) or None,
-                    accumulate_grad_batches=args.gradient_accumulation_steps,
+                    accumulate_grad_batches=args.gradient_accumulation_steps, dialect="transformers",
                 )
         except Exception as exc:  # noqa: BLE001 - memguard's own failure never stops a run unless asked
             if self.policy == "abort":
@@ -92,7 +81,7 @@ class MemGuardCallback(TrainerCallback):
             set(self.suggested) == {"gradient_checkpointing"}
         ):
             checkpointing.enable(model)
-            warnings.warn("memguard: " + message + " Activation checkpointing was turned on.", stacklevel=2)
+            warnings.warn(message + " Activation checkpointing was turned on.", stacklevel=2)
             return
         raise OutOfMemoryPredicted(message + "\n\n" + str(decision), decision)
 
