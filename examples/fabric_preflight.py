@@ -9,10 +9,11 @@ from torch import nn
 
 import memguard
 
-model = nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024))
-batch = torch.randn(4096, 1024)
+model = nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 512))
+batch = torch.randn(1024, 512)
 
-decision = memguard.preflight(model, batch, optimizer="adamw", device="cpu", budget="300MiB", policy="auto",
+# about 57 MiB in float32 and 46 MiB under bf16 autocast on the CPU: a 50 MiB budget needs bf16-mixed
+decision = memguard.preflight(model, batch, optimizer="adamw", device="cpu", budget="50MiB", policy="auto",
                               allow=["precision"])
 fabric = Fabric(accelerator="cpu", devices=1, **decision.fabric_kwargs())  # e.g. precision="bf16-mixed"
 model, optimizer = fabric.setup(model, torch.optim.AdamW(model.parameters()))

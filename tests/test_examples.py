@@ -84,16 +84,8 @@ def _printed_by_its_imports(script: Path) -> set[str]:
     return {_normalised(line) for line in (done.stdout + done.stderr).splitlines()}
 
 
-TOO_SLOW_HERE = {
-    "fabric_preflight.py": "its preflight probes the real bf16 CPU kernels of a 4096 x 1024 batch: over 7 minutes "
-                           "on a 2-core CPU without bf16 matrix units (the time is in CPUDevice._probe, with or "
-                           "without MEMGUARD_DEBUG)",
-}
-
-
 def _script_params() -> list:
-    return [pytest.param(name, marks=pytest.mark.skip(reason=TOO_SLOW_HERE[name])) if name in TOO_SLOW_HERE
-            else name for name in SCRIPTS]
+    return list(SCRIPTS)
 
 
 @pytest.mark.slow
