@@ -47,10 +47,11 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """Importing the submodule memguard.estimate must not hide the function memguard.estimate."""
+    """Importing a submodule that shares its name with a public function (memguard.estimate,
+    memguard.preflight) must not hide the function: Python sets the package attribute on import."""
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "estimate" and isinstance(value, types.ModuleType):
+        if name in _EXPORTS and isinstance(value, types.ModuleType) and _EXPORTS[name] == value.__name__:
             return
         super().__setattr__(name, value)
 

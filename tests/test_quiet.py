@@ -73,16 +73,29 @@ class _Collect(logging.Handler):
         self.records.append(f"{record.name}: {record.getMessage()}")
 
 
+_LOGGERS = ("torchao", "torch.utils._pytree", "torch._subclasses.fake_tensor", "pytorch_lightning.utilities.rank_zero",
+            "transformers.trainer", "my_project.training")
+
+
 @pytest.fixture
 def collected() -> Any:
+    """One handler on each logger the test uses, with propagation off: libraries imported by earlier tests
+    (transformers, Lightning) set their own levels, propagation and handlers, which must not decide this."""
     handler = _Collect()
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
+    saved = []
+    for name in _LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level, logger.propagate, logger.disabled))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        logger.disabled = False
     yield handler
-    root.removeHandler(handler)
-    root.setLevel(old_level)
+    for logger, level, propagate, disabled in saved:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+        logger.disabled = disabled
 
 
 def test_library_log_records_hidden_user_records_kept(collected: _Collect) -> None:

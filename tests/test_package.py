@@ -1,0 +1,24 @@
+"""The package's public names: importing a submodule never hides the function of the same name."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+
+def test_public_functions_survive_importing_their_modules() -> None:
+    code = ("import importlib, memguard\n"
+            "for name in ('preflight', 'estimate'):\n"
+            "    importlib.import_module('memguard.' + name)\n"
+            "    assert callable(getattr(memguard, name)), name\n"
+            "import memguard.preflight\n"
+            "assert callable(memguard.preflight)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_public_name_resolves() -> None:
+    memguard = importlib.import_module("memguard")
+    for name in memguard.__all__:
+        assert getattr(memguard, name) is not None, name
