@@ -853,7 +853,7 @@ class _Loader:
             file = self.deepspeed_file(value, key)
             if file is None:
                 return "auto"
-            config = self.deepspeed_json(file, key)
+            config = self.json_object(file, key, "DeepSpeed's config")
             where = str(file)
         elif isinstance(value, dict):
             config, where, file = value, key, None
@@ -889,7 +889,9 @@ class _Loader:
                 candidates[1] != candidates[0] else ""))
         return found
 
-    def deepspeed_json(self, file: Path, key: str) -> dict[str, Any] | None:
+    def json_object(self, file: Path, key: str, what: str) -> dict[str, Any] | None:
+        """``file``'s JSON object, or None with the problem recorded under ``key`` (``what`` names the
+        object expected, for the message)."""
         try:
             content = json.loads(file.read_text())
         except (OSError, UnicodeDecodeError) as exc:
@@ -899,9 +901,10 @@ class _Loader:
             self.problems.add(key, f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}")
             return None
         if not isinstance(content, dict):
-            self.problems.add(key, f"{file} must hold a JSON object (DeepSpeed's config), got {_show(content)}")
+            self.problems.add(key, f"{file} must hold a JSON object ({what}), got {_show(content)}")
             return None
         return content
+
 
     def deepspeed_settings(self, config: Mapping[str, Any], prefix: str) -> dict[str, Any] | None:
         """Read :data:`DEEPSPEED_KEYS` from a DeepSpeed config; problems name the key (DeepSpeed's
@@ -1151,15 +1154,10 @@ class _Loader:
         if not file.is_file():
             self.problems.add(key, f"no such file: {file}")
             return None
-        try:
-            content = json.loads(file.read_text())
-        except (OSError, UnicodeDecodeError) as exc:
-            self.problems.add(key, f"cannot read {file}: {exc}")
+        content = self.json_object(file, key, "a transformers config.json")
+        if content is None:
             return None
-        except json.JSONDecodeError as exc:
-            self.problems.add(key, f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}")
-            return None
-        if not isinstance(content, dict) or not isinstance(content.get("model_type"), str):
+        if not isinstance(content.get("model_type"), str):
             self.problems.add(key, f"{file} is not a transformers config.json (it has no \"model_type\")")
             return None
         return {"hf_config": content, "file": file}
