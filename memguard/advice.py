@@ -11,18 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from memguard.errors import unknown_name
+from memguard.optimizers import CATALOG
 
 DIALECTS = ("lightning", "transformers", "pytorch")
 """Lightning (``memguard check`` and the MemGuard callback), the transformers Trainer, plain PyTorch."""
-
-OPTIMIZER_CLASSES = {
-    "adamw8bit": "bitsandbytes.optim.AdamW8bit",
-    "ao_adamw8bit": "torchao.optim.AdamW8bit",
-    "ao_adamw4bit": "torchao.optim.AdamW4bit",
-    "adafactor": "torch.optim.Adafactor",
-    "paged_adamw8bit": "bitsandbytes.optim.PagedAdamW8bit",
-}
-"""The class each optimizer the planner can choose is built from."""
 
 HF_OPTIM = {"adamw8bit": "adamw_bnb_8bit", "ao_adamw8bit": "adamw_torch_8bit", "ao_adamw4bit": "adamw_torch_4bit",
             "adafactor": "adafactor", "paged_adamw8bit": "paged_adamw_8bit"}
@@ -67,7 +59,8 @@ def how_to(knob: str, after: str, dialect: str = "lightning") -> str:
             return "decision.apply(model, optimizer) casts the weights to half precision"
         return "run forward and loss under decision.autocast()"
     if knob == "optimizer":
-        cls = OPTIMIZER_CLASSES.get(after, after)
+        row = CATALOG.get(after)
+        cls = row.cls_path if row is not None else after
         return f"decision.apply(model, optimizer) rebuilds it as {cls}" if plain else cls
     if knob == "micro_batch":
         micro, accumulate = split_micro_batch(after)
