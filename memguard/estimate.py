@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from memguard import checkpointing
+from memguard import checkpointing, fake_rules
 from memguard.categories import ALLOCATED_CATEGORIES, Category
 from memguard.device import DeviceModel, device_model
 from memguard.errors import InvalidArgumentError, TraceError
@@ -123,6 +123,11 @@ class Estimate:
     """The order of the traced training step (see :func:`step_order`): where ``zero_grad`` runs decides
     whether the previous step's gradients are alive during the forward, which can move the peak by the
     size of the gradients."""
+    bound_bytes: int = 0
+    """An upper bound on ``peak_bytes`` under every routing the model could take: equal to ``peak_bytes``
+    unless routing decisions computed from the weights were assumed (mixture-of-experts), when
+    ``peak_bytes`` is the balanced routing's figure and this the larger of it and the skewed routing's
+    (see :mod:`memguard.fake_rules`); decide whether a run fits on this figure."""
 
     def top_holders(self, n: int | None = 8, *, by: str = "module", depth: int | None = None,
                     parts: int = 3) -> list[HolderGroup]:
@@ -166,6 +171,7 @@ class Estimate:
             "notes": list(self.notes),
             "holders": [h.to_dict() for h in self.holders],
             "step_order": self.step_order,
+            "bound_bytes": self.bound_bytes,
         }
 
 
@@ -308,6 +314,11 @@ def estimate(
                        prepare=prepare, device=dev, shared=shared, **reuse)
     result = summarize(trace, dev)
     result.approximate = approximate
+    if trace.assumed_routing:
+        traced_factory = adam_like_bound if approximate else factory
+        result.bound_bytes = max(result.peak_bytes, _skewed_peak(tracer, model, batch, traced_factory, program,
+                                                                 prec, prepare, device, gpu, shared))
+        trace.notes.append("bound_bytes is the larger of the balanced and the skewed routing's peaks; decide on it")
     if trace.unified_bytes:
         result.unified_bytes = trace.unified_bytes
         result.device_bytes += trace.unified_bytes
@@ -315,10 +326,21 @@ def estimate(
                      "allocator's peak")
     result.precision = str(prec)
     result.optimizer = (opt_label if optimizer_offload else f"{opt_label} ({impl})") if factory is not None else "none"
-    result.notes = notes + trace.notes + dev.notes()
+    result.notes = list(dict.fromkeys(notes + trace.notes + dev.notes()))
     result.step_order = step_order(zero_grad_before_backward, accumulate_grad_batches)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _skewed_peak(tracer: Callable[..., Trace], model: nn.Module, batch: Any, factory: Any, program: StepProgram,
+                 prec: Precision, prepare: Callable, device: Any, gpu: Any, shared: tuple) -> int:
+    """The peak with every token routed to the expert a loop runs last, every expert still used: the worst
+    balance for the per-expert memory of an expert loop (see :mod:`memguard.fake_rules`)."""
+    dev = device_model(device, gpu).fresh()
+    with fake_rules.routing(fake_rules.SKEWED):
+        trace = tracer(model, batch, factory, program, param_dtype=prec.param_dtype, prepare=prepare,
+                       device=dev, shared=shared)
+    return summarize(trace, dev).peak_bytes
 
 
 def step_order(zero_grad_before_backward: bool, accumulate_grad_batches: int = 1) -> str:
@@ -337,11 +359,13 @@ def step_order(zero_grad_before_backward: bool, accumulate_grad_batches: int = 1
 
 
 def _batch_key(batch: Any) -> tuple:
-    """What of a batch shapes the traced program: its structure and each tensor's shape, strides and dtype
-    (values never matter to a fake trace; other leaves might, so they are compared by value)."""
+    """What of a batch shapes the traced program: its structure, each tensor's shape, strides and dtype,
+    and the values the trace reads (masks and lengths: see :func:`memguard.fake_rules.value_key`); other
+    leaves are compared by value."""
     leaves, spec = tree_flatten(batch)
     return (str(spec), tuple(
-        (tuple(x.shape), tuple(x.stride()), x.dtype) if isinstance(x, torch.Tensor) else (type(x).__name__, repr(x))
+        (tuple(x.shape), tuple(x.stride()), x.dtype, fake_rules.value_key(x)) if isinstance(x, torch.Tensor)
+        else (type(x).__name__, repr(x))
         for x in leaves
     ))
 
@@ -403,6 +427,7 @@ def summarize(trace: Trace, dev: DeviceModel) -> Estimate:
         optimizer="",
         per_rank=[best],
         holders=holders,
+        bound_bytes=best,
         phases=[(start, name) for start, name in trace.phases if name != "end"],
     )
 

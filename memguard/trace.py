@@ -28,9 +28,11 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten, tree_map
 
+from memguard import fake_rules
 from memguard.categories import Category
 from memguard.device import DeviceModel
 from memguard.errors import TraceError
+from memguard.library_branches import eager_branches, eager_module_conversion
 
 # ---------------------------------------------------------------------------------------------------------
 # The recording
@@ -56,6 +58,9 @@ class Trace:
     """Optimizer state a paged optimizer keeps in CUDA unified memory (never in ``events``)."""
     holders: list[int] = field(default_factory=list)
     holder_names: list[tuple[str, str]] = field(default_factory=list)
+    assumed_routing: bool = False
+    """Whether routing decisions were assumed (see :mod:`memguard.fake_rules`): the peak is then the
+    balanced routing's, and a bound needs the skewed routing's trace too."""
 
     def holder_of(self, aid: int) -> tuple[str, str]:
         """``(module path, kind)`` of allocation ``aid``.
@@ -427,6 +432,9 @@ class _Recorder:
         return self.trace
 
 
+_FAKE_RULES = fake_rules.RULES
+
+
 class _RecordingMode(TorchDispatchMode):
     def __init__(self, recorder: _Recorder, device: DeviceModel) -> None:
         super().__init__()
@@ -435,6 +443,7 @@ class _RecordingMode(TorchDispatchMode):
         self.last_op: Any = None
         self.scalar_reads_ok = False
         self.skip_host_tensors = False
+        self.assumptions = fake_rules.Assumptions()
 
     @contextlib.contextmanager
     def optimizer_running(self) -> Iterator[None]:
@@ -454,7 +463,8 @@ class _RecordingMode(TorchDispatchMode):
         if self.scalar_reads_ok and func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
             # An optimizer reading a step counter (.item()): the value never changes what is allocated.
             return 1 if not args[0].is_floating_point() else 1.0
-        out = func(*args, **kwargs)
+        rule = _FAKE_RULES.get(func)  # where memguard replaces torch's fake behaviour
+        out = func(*args, **kwargs) if rule is None else rule(self.assumptions, func, args, kwargs)
         if self.recorder.is_paused:
             return out
         if isinstance(out, torch.Tensor):
@@ -523,15 +533,15 @@ def fake_model_copy(
 
 
 def fake_batch(batch: Any, mode: FakeTensorMode, float_dtype: torch.dtype | None = None) -> Any:
-    """The batch with every tensor replaced by a fake CPU tensor of the same shape and dtype."""
+    """The batch with every tensor replaced by a fake CPU tensor of the same shape and dtype, carrying its
+    values where they are readable (see :func:`memguard.fake_rules.fake_leaf`)."""
 
     def convert(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
-            return _fake_like(x, float_dtype)
+            return fake_rules.fake_leaf(x, mode, float_dtype)
         return x
 
-    with mode:
-        return tree_map(convert, batch)
+    return tree_map(convert, batch)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -725,6 +735,7 @@ class _Shadows:
             for p, shadow in self.pairs:
                 if p.grad is None:
                     continue
+                self._follow(p, shadow)
                 g = self.local(p.grad)
                 aid = rec.aid_of(g)
                 grad = torch.empty_strided(tuple(g.shape), tuple(g.stride()), dtype=g.dtype, device="meta")
@@ -733,6 +744,16 @@ class _Shadows:
                 if aid is not None:
                     rec.bind(grad.untyped_storage(), aid)
                 shadow.grad = grad
+
+    def _follow(self, p: nn.Parameter, shadow: nn.Parameter) -> None:
+        """A module converted in its forward (``self.classifier.to(torch.float32)``) gave ``p`` a new storage
+        and maybe a new dtype: its shadow takes them, so the optimizer's state has the dtype it has for real."""
+        t = self.local(p)
+        if shadow.dtype == t.dtype and tuple(shadow.shape) == tuple(t.shape):
+            return
+        shadow.data = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="meta")
+        self.recorder.alias(shadow.untyped_storage(), t)
+        self.recorder.tag(t, Category.PARAMETERS, "parameter", owner_of=p)
 
 
 @dataclass
@@ -967,7 +988,7 @@ def trace_training(
     model, batch, precision and preparation, or records them for the next one.
     """
     device = device or DeviceModel()
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+    fake_mode = fake_rules.fake_mode()
     twin = fake_model_copy(model, fake_mode, param_dtype, shared)
     twin.train()
     if prepare is not None:
@@ -982,8 +1003,10 @@ def trace_training(
 
     mode = _RecordingMode(recorder, device)
     rng_states = _counted_rng_states(recorder) if device.host_is_device else contextlib.nullcontext()
-    with fake_mode, mode, device.kernel_mode(), rng_states:
+    with fake_mode, mode, device.kernel_mode(), rng_states, eager_branches(), eager_module_conversion():
         run_steps(twin, fbatch, make_optimizer, program, recorder, mode, reuse)
     trace = recorder.finish()
+    trace.notes.extend(mode.assumptions.notes)
+    trace.assumed_routing = mode.assumptions.routed
     del twin, fbatch
     return trace

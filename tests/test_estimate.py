@@ -148,11 +148,28 @@ class ItemInForward(nn.Module):
         return self.lin(x)[:n].sum()
 
 
-def test_data_dependent_model_gets_a_clear_trace_error() -> None:
-    with pytest.raises(TraceError, match=r"(?s)step1.forward.*_local_scalar_dense.*\.item\(\)") as info:
-        memguard.estimate(ItemInForward(), torch.randn(4, 8), device="cpu")
+def test_item_on_batch_values_is_read_exactly() -> None:
+    x = torch.randn(4, 8)
+    est = memguard.estimate(ItemInForward(), x, device="cpu", optimizer=None)
+    assert not any(note.startswith("assumed:") for note in est.notes)
+    assert est.breakdown[memguard.Category.INPUTS] == x.numel() * 4
+
+
+class UnboundedRepeat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        repeats = (self.lin(x)[:, 0] > 0).long() + 1  # from the weights, and no bound on the output
+        return self.lin(x.repeat_interleave(repeats, 0)).sum()
+
+
+def test_data_dependent_model_without_a_bound_gets_a_clear_trace_error() -> None:
+    with pytest.raises(TraceError, match=r"(?s)step1.forward.*repeat_interleave") as info:
+        memguard.estimate(UnboundedRepeat(), torch.randn(4, 8), device="cpu")
     assert info.value.phase == "step1.forward"
-    assert "_local_scalar_dense" in info.value.operation
+    assert "repeat_interleave" in info.value.operation
 
 
 def test_custom_op_without_fake_kernel_names_the_operation() -> None:
