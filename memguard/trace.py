@@ -32,6 +32,7 @@ from memguard import fake_rules
 from memguard.categories import Category
 from memguard.device import DeviceModel
 from memguard.errors import TraceError
+from memguard.library_branches import eager_branches, eager_module_conversion
 
 # ---------------------------------------------------------------------------------------------------------
 # The recording
@@ -734,6 +735,7 @@ class _Shadows:
             for p, shadow in self.pairs:
                 if p.grad is None:
                     continue
+                self._follow(p, shadow)
                 g = self.local(p.grad)
                 aid = rec.aid_of(g)
                 grad = torch.empty_strided(tuple(g.shape), tuple(g.stride()), dtype=g.dtype, device="meta")
@@ -742,6 +744,16 @@ class _Shadows:
                 if aid is not None:
                     rec.bind(grad.untyped_storage(), aid)
                 shadow.grad = grad
+
+    def _follow(self, p: nn.Parameter, shadow: nn.Parameter) -> None:
+        """A module converted in its forward (``self.classifier.to(torch.float32)``) gave ``p`` a new storage
+        and maybe a new dtype: its shadow takes them, so the optimizer's state has the dtype it has for real."""
+        t = self.local(p)
+        if shadow.dtype == t.dtype and tuple(shadow.shape) == tuple(t.shape):
+            return
+        shadow.data = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="meta")
+        self.recorder.alias(shadow.untyped_storage(), t)
+        self.recorder.tag(t, Category.PARAMETERS, "parameter", owner_of=p)
 
 
 @dataclass
@@ -991,7 +1003,7 @@ def trace_training(
 
     mode = _RecordingMode(recorder, device)
     rng_states = _counted_rng_states(recorder) if device.host_is_device else contextlib.nullcontext()
-    with fake_mode, mode, device.kernel_mode(), rng_states:
+    with fake_mode, mode, device.kernel_mode(), rng_states, eager_branches(), eager_module_conversion():
         run_steps(twin, fbatch, make_optimizer, program, recorder, mode, reuse)
     trace = recorder.finish()
     trace.notes.extend(mode.assumptions.notes)

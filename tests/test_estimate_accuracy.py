@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import memguard
 from memguard import checkpointing
@@ -51,3 +52,28 @@ def test_cpu_peak_within_2_percent(case: Case) -> None:
     error = (est.peak_bytes - real) / real
     assert abs(error) <= 0.02, f"{case.name}: predicted {est.peak_bytes:,} vs measured {real:,} ({error:+.2%})"
     assert sum(v for k, v in est.breakdown.items() if k not in (memguard.Category.ALLOCATOR, memguard.Category.CONTEXT)) == est.peak_bytes
+
+
+class TimeLoop(nn.Module):
+    """Reads ``h[:, :, i]`` in a loop over time, as Mamba's slow path does: backward accumulates one
+    ``select_backward`` gradient per step into ``h``'s. The real autograd engine adds them in place into its
+    buffer (it holds the only reference); for fake tensors it never does (a tensor subclass), so the trace
+    allocates a new buffer per addition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.out = nn.Linear(16, 256), nn.Linear(256, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x).transpose(1, 2).contiguous()
+        s = torch.zeros(h.shape[0], h.shape[1])
+        for i in range(h.shape[2]):
+            s = s * 0.9 + h[:, :, i]
+        return self.out(s).pow(2).mean()
+
+
+@pytest.mark.xfail(strict=True, reason="autograd's in-place gradient accumulation is not modelled yet")
+def test_in_place_gradient_accumulation() -> None:
+    case = Case("time_loop", TimeLoop, lambda: torch.randn(8, 128, 16, generator=torch.Generator().manual_seed(0)))
+    real, est = measured(case), predicted(case).peak_bytes
+    assert abs(est - real) / real <= 0.02, f"predicted {est:,} vs measured {real:,}"

@@ -205,6 +205,57 @@ class LoRAMLP(nn.Module):
         return self.layers(x).pow(2).mean()
 
 
+class TracingAwareMask(nn.Module):
+    """Builds a dense attention mask only when transformers' ``is_tracing`` says its positions are traced; an
+    eager run reads them and lets SDPA's ``is_causal`` do the masking. The checkpointed blocks keep the mask
+    alive until backward, so a trace that takes the tracing branch over-predicts."""
+
+    def __init__(self, vocab: int = 512, d: int = 64, layers: int = 3, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Embedding(vocab, d)
+        self.qkv = nn.ModuleList(nn.Linear(d, 3 * d) for _ in range(layers))
+        self.head = nn.Linear(d, vocab)
+
+    def block(self, i: int, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv[i](x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return x + out.transpose(1, 2).reshape(b, t, d)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from transformers.utils.import_utils import is_tracing
+
+        b, t = ids.shape
+        positions = torch.arange(t).expand(b, t)
+        mask = None
+        if is_tracing(positions) or not bool((positions[:, 0] == 0).all()):
+            keep = torch.ones(t, t, dtype=torch.bool).tril()
+            mask = torch.zeros(b, self.heads, t, t).masked_fill(~keep, float("-inf"))
+        x = self.emb(ids)
+        for i in range(len(self.qkv)):
+            x = checkpoint(self.block, i, x, mask, use_reentrant=False)
+        return F.cross_entropy(self.head(x).flatten(0, 1), ids.flatten())
+
+
+def _hf_qwen3() -> nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    return Qwen3ForCausalLM(cfg)
+
+
+def _hf_gpt_neox() -> nn.Module:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4)
+    return GPTNeoXForCausalLM(cfg)
+
+
 def _hf_llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -220,6 +271,21 @@ def _hf_gpt2() -> nn.Module:
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=512, n_embd=128, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg)
+
+
+def _hf_switch() -> nn.Module:
+    """SwitchTransformers' router converts its classifier with ``.to()`` inside every forward."""
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = SwitchTransformersConfig(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                                   num_heads=4, num_experts=4, expert_capacity=64)
+    return SwitchTransformersForConditionalGeneration(cfg)
+
+
+def _seq2seq_batch(b: int = 2, t: int = 64) -> dict:
+    ids = _ids(b, t)
+    return {"input_ids": ids, "decoder_input_ids": ids, "labels": ids}
 
 
 def _ids(b: int = 4, t: int = 64, vocab: int = 512) -> torch.Tensor:
@@ -258,4 +324,8 @@ CASES = [
     Case("hf_llama_bf16_mixed_ckpt", _hf_llama, _lm_batch, precision="bf16-mixed", gradient_checkpointing=True),
     Case("hf_gpt2", _hf_gpt2, _lm_batch),
     Case("hf_gpt2_adafactor", _hf_gpt2, _lm_batch, optimizer="adafactor"),
+    Case("tracing_aware_mask", TracingAwareMask, lambda: _ids(4, 128)),
+    Case("hf_qwen3_ckpt", _hf_qwen3, _lm_batch, gradient_checkpointing=True),
+    Case("hf_gpt_neox_ckpt", _hf_gpt_neox, lambda: _lm_batch(4, 256), gradient_checkpointing=True),
+    Case("hf_switch_transformers", _hf_switch, _seq2seq_batch),
 ]
