@@ -132,8 +132,11 @@ skipped untraced; what-ifs are only used to skip, never to accept."""
 
 
 def required_bytes(est: Estimate, margin: float) -> int:
-    """What a run needs on the device, margin included: NVML-level usage for CUDA, live bytes for the CPU."""
-    return int(est.device_bytes * (1.0 + margin))
+    """What a run needs on the device, margin included: NVML-level usage for CUDA, live bytes for the CPU.
+    Where routing was assumed (mixture-of-experts), the routing bound's extra bytes count too: whether a
+    run fits is decided on ``bound_bytes``, not on the balanced routing's peak."""
+    over_bound = max(0, est.bound_bytes - est.peak_bytes)
+    return int((est.device_bytes + over_bound) * (1.0 + margin))
 
 
 def plan(

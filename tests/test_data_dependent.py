@@ -309,3 +309,11 @@ class EqualCheck(nn.Module):
 def test_equal_on_unknown_values_is_stated() -> None:
     est = memguard.estimate(EqualCheck(), torch.randn(8, 16), device="cpu")
     assert any("torch.equal" in n for n in est.notes), est.notes
+
+
+def test_fits_is_decided_on_the_routing_bound() -> None:
+    from memguard.plan import required_bytes
+
+    est = memguard.estimate(MoEModel(EagerMoE), _ids(8, 256), device="cpu")
+    assert est.bound_bytes > est.peak_bytes  # the skewed routing's per-expert memory is larger
+    assert required_bytes(est, 0.0) == est.device_bytes + est.bound_bytes - est.peak_bytes
