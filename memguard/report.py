@@ -307,6 +307,9 @@ def render_estimate(estimate: Estimate, modules: int = 5, kinds: int = 5) -> str
     parts = [(_NAMES.get(c, c.value), e.breakdown.get(c, 0)) for c in _ORDER if e.breakdown.get(c, 0)]
     if parts:
         lines.append("breakdown: " + _parts(parts))
+    if e.bound_bytes > e.peak_bytes:
+        lines.append(f"routing bound: {format_bytes(e.bound_bytes)} allocated under the skewed routing "
+                     "(the peak above assumes balanced routing)")
     if e.holders:
         lines.append(holders_section(e, modules, kinds))
     return "\n".join(lines)

@@ -317,3 +317,4 @@ def test_fits_is_decided_on_the_routing_bound() -> None:
     est = memguard.estimate(MoEModel(EagerMoE), _ids(8, 256), device="cpu")
     assert est.bound_bytes > est.peak_bytes  # the skewed routing's per-expert memory is larger
     assert required_bytes(est, 0.0) == est.device_bytes + est.bound_bytes - est.peak_bytes
+    assert "routing bound" in str(est)
