@@ -85,3 +85,26 @@ def test_gpu_validate_without_cuda_exits_0() -> None:
                          check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "no CUDA GPU: nothing to validate" in out.stdout
+
+
+COVERAGE = BENCH / "coverage.py"
+
+
+def test_coverage_traces_two_small_architectures(tmp_path) -> None:
+    """coverage.py end to end on two small architectures, written to a temporary folder: both instantiate,
+    both trace, both within 2% of their real CPU peak, and the table says so."""
+    import json
+
+    only = "gpt2/causal-lm,bert/masked-lm"
+    out = subprocess.run([sys.executable, str(COVERAGE), "--only", only, "--results-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=180, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    saved = json.loads((tmp_path / "coverage.json").read_text())
+    rows = {r["name"]: r for r in saved["rows"]}
+    assert set(rows) == set(only.split(","))
+    for row in rows.values():
+        assert row["instantiable"] and row["traced"], row
+        assert row["real_peak"] > 0 and abs(row["error"]) < 0.02, row
+    table = (tmp_path / "coverage.md").read_text()
+    assert "traced by memguard: **2 / 2 (100.0%)**" in table
+    assert "| gpt2/causal-lm | GPT2LMHeadModel |" in table
