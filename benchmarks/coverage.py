@@ -528,7 +528,12 @@ def render(rows: list[dict], total_seconds: float, timeout: float) -> tuple[list
         where = sorted({r["trace_error_where"] for r in group if r["trace_error_where"]})
         notes.append(f"- {len(group)} x ({kind}{', at ' + ', '.join(where) if where else ''}) `{key}`: "
                      + ", ".join(r["name"] for r in group))
-    notes += ["", "## Excluded: not instantiable from a tiny config, or the real steps failed", ""]
+    if all(r["traced"] for r in usable):
+        notes.append("None: every instantiable architecture traced.")
+    failed_build = sum(not r["instantiable"] for r in rows)
+    notes += ["", "## Excluded: not instantiable from a tiny config, or the real steps failed", "",
+              f"{failed_build} not instantiable, {len(rows) - len(usable) - failed_build} instantiable whose real "
+              "steps failed on the generic batch; neither counts in the denominator.", ""]
     excluded = [dict(r, reason=("not instantiable: " + r["not_instantiable"]) if not r["instantiable"]
                      else "real steps failed: " + r["real_failed"]) for r in rows if r not in usable]
     for key, group in _grouped(excluded, "reason").items():
