@@ -175,6 +175,28 @@ def _factory(ctx: Assumptions, func: Any, args: tuple, kwargs: dict) -> Any:
     return _known_twin(out, real)
 
 
+RANDOM_MEANS = {"rand": 0.5, "rand_like": 0.5, "randn": 0.0, "randn_like": 0.0}
+"""Random draws small enough to be read by Python (LayerDrop's ``torch.rand([]) < p``) carry their
+distribution's mean: the most likely outcome of a threshold test, the same in every trace. A draw against
+a small drop probability then keeps the layer, as nearly every real step does; a silent True (skip the
+layer) under-predicted every LayerDrop model by the skipped layers."""
+
+RANDOM_READ_LIMIT = 1024
+"""Larger random tensors (noise, masks) are never read as values: they stay plain fakes."""
+
+
+def _random_mean(ctx: Assumptions, func: Any, args: tuple, kwargs: dict) -> Any:
+    out = func(*args, **kwargs)
+    if out.numel() > RANDOM_READ_LIMIT or out.device.type != "cpu" or not isinstance(out, FakeTensor):
+        return out
+    mean = RANDOM_MEANS[func.overloadpacket.__name__]
+    ctx.note("assumed: small random draws read as values take their mean (torch.rand 0.5, torch.randn 0), so "
+             "a test against a drop probability such as LayerDrop's keeps the layer, as almost every step does")
+    with no_dispatch():
+        real = torch.full(tuple(out.shape), mean, dtype=out.dtype)
+    return _known_twin(out, real)
+
+
 def _known_twin(fake: FakeTensor, real: torch.Tensor) -> FakeTensor:
     """A fake like ``fake`` that carries ``real``. Made through the fake mode's converter, so views of the
     real value (slices written in place, transposes) map to views of this fake's storage."""
@@ -391,6 +413,8 @@ def _rules() -> dict[Any, Rule]:
             rules[op] = rule
 
     add("_grouped_mm.default", _grouped_mm)
+    for name in RANDOM_MEANS:
+        add(f"{name}.default", _random_mean)
     for name in _FACTORY_NAMES:
         add(name, _factory)
     add("topk.default", _topk)

@@ -318,3 +318,38 @@ def test_fits_is_decided_on_the_routing_bound() -> None:
     assert est.bound_bytes > est.peak_bytes  # the skewed routing's per-expert memory is larger
     assert required_bytes(est, 0.0) == est.device_bytes + est.bound_bytes - est.peak_bytes
     assert "routing bound" in str(est)
+
+
+class LayerDropStack(nn.Module):
+    """LayerDrop as translation models train it: each layer is skipped when a fresh draw falls under p."""
+
+    def __init__(self, layers: int = 4, d: int = 128, p: float = 0.1) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(512, d)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+                                    for _ in range(layers))
+        self.head, self.p = nn.Linear(d, 512), p
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        for layer in self.layers:
+            if self.training and torch.rand([]) < self.p:
+                continue
+            h = h + layer(h)
+        return F.cross_entropy(self.head(h).flatten(0, 1), ids.flatten())
+
+
+def test_layerdrop_keeps_the_layers_as_almost_every_step_does() -> None:
+    """A random draw read by Python takes its mean (0.5), so ``rand < 0.1`` keeps every layer: the step that
+    skips none, the likely one and the largest. Its real peak is measured with p=0 (no layer ever skipped);
+    a real run with p=0.1 that skips some stays under the prediction."""
+    torch.manual_seed(0)
+    keeps_all = measure_peak(LayerDropStack(p=0.0), _ids(8, 64), REAL_OPTIMIZERS["adamw"])
+    torch.manual_seed(0)
+    real = measure_peak(LayerDropStack(), _ids(8, 64), REAL_OPTIMIZERS["adamw"])
+    est = memguard.estimate(LayerDropStack(), _ids(8, 64), optimizer="adamw", device="cpu")
+    assert abs(est.peak_bytes - keeps_all) / keeps_all <= 0.02, (est.peak_bytes, keeps_all)
+    assert est.peak_bytes >= real
+    assert any("random draws" in n for n in est.notes)
+    skipping = memguard.estimate(LayerDropStack(p=0.9), _ids(8, 64), optimizer="adamw", device="cpu")
+    assert skipping.peak_bytes < est.peak_bytes  # p above the mean: the likely step skips every layer
