@@ -27,8 +27,8 @@ def accepted_keys() -> list[str]:
     keys += [f"{section}.{key}" for section, table in config.SCHEMA.items() for key in table]
     keys += [f"optimizer.{key}" for key in config.OPTIMIZER_KEYS]
     keys += [f"trainer.strategy.{key}" for key in config.STRATEGY_KEYS]
-    keys += [f"trainer.{key}" for key in config.LIGHTNING_TRAINER_ARGS]
-    keys += list(config.DEEPSPEED_KEYS)
+    keys += [f"trainer.{key}" for key in sorted(config.LIGHTNING_TRAINER_ARGS)]
+    keys += sorted(config.DEEPSPEED_KEYS)
     return keys
 
 
