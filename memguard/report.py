@@ -34,7 +34,7 @@ def format_bytes(n: int, unit: str = "auto") -> str:
     ``B``, ``KiB``, ``MiB``, ``GiB``, ``TiB``. Negative sizes (differences) keep their sign.
     """
     if unit == "auto":
-        unit = next((u for u in ("TiB", "GiB", "MiB", "KiB") if abs(n) >= _UNITS[u]), "B")
+        unit = unit_for(n)
     if unit not in _UNITS:
         raise unknown_name("unit", unit, ["auto", *_UNITS])
     if unit == "B":
