@@ -32,6 +32,7 @@ from memguard import fake_rules
 from memguard.categories import Category
 from memguard.device import DeviceModel
 from memguard.errors import TraceError
+from memguard.grad_buffers import GradBuffers
 from memguard.library_branches import eager_branches, eager_module_conversion
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,6 +229,19 @@ class _Recorder:
         if aid is not None:
             self._ids[id(storage)] = aid
             self._aliases.append(storage)  # kept alive so its id is never reused
+
+    def adopt(self, out: torch.Tensor, into: torch.Tensor) -> bool:
+        """``out`` is ``into`` updated in place by the real run: it takes over ``into``'s allocation."""
+        aid = self.aid_of(into)
+        try:
+            same = out.untyped_storage().nbytes() == into.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            return False
+        if aid is None or not same or self.aid_of(out) is not None:
+            return False
+        self.unbind(into.untyped_storage())
+        self.bind(out.untyped_storage(), aid)
+        return True
 
     def unbind(self, storage: Any) -> None:
         """Forget ``storage`` without freeing its allocation (its id is about to be rebound)."""
@@ -444,6 +458,7 @@ class _RecordingMode(TorchDispatchMode):
         self.scalar_reads_ok = False
         self.skip_host_tensors = False
         self.assumptions = fake_rules.Assumptions()
+        self.grad_buffers = GradBuffers()
 
     @contextlib.contextmanager
     def optimizer_running(self) -> Iterator[None]:
@@ -464,9 +479,12 @@ class _RecordingMode(TorchDispatchMode):
             # An optimizer reading a step counter (.item()): the value never changes what is allocated.
             return 1 if not args[0].is_floating_point() else 1.0
         rule = _FAKE_RULES.get(func)  # where memguard replaces torch's fake behaviour
+        in_place = self.grad_buffers.in_place_target(func, args, kwargs)
         out = func(*args, **kwargs) if rule is None else rule(self.assumptions, func, args, kwargs)
         if self.recorder.is_paused:
             return out
+        if in_place is not None and isinstance(out, torch.Tensor) and self.recorder.adopt(out, in_place):
+            return out  # autograd adds the gradients in place (see grad_buffers.py)
         if isinstance(out, torch.Tensor):
             flat = [out]
         elif isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) or o is None for o in out):
@@ -831,7 +849,13 @@ def _trace_forward_backward(model, batch, label, params, optimizer, program, zer
     with _phase(recorder, mode, f"{label}.backward"):
         b0 = len(events)
         if loss.requires_grad:
-            loss.backward()
+            with recorder.paused():
+                mode.grad_buffers.calibrate()
+            mode.grad_buffers.watch(loss)
+            try:
+                loss.backward()
+            finally:
+                mode.grad_buffers.close()
             recorder.note_saved(events[b0:])
         del loss
         grads = []

@@ -72,7 +72,6 @@ class TimeLoop(nn.Module):
         return self.out(s).pow(2).mean()
 
 
-@pytest.mark.xfail(strict=True, reason="autograd's in-place gradient accumulation is not modelled yet")
 def test_in_place_gradient_accumulation() -> None:
     case = Case("time_loop", TimeLoop, lambda: torch.randn(8, 128, 16, generator=torch.Generator().manual_seed(0)))
     real, est = measured(case), predicted(case).peak_bytes
