@@ -32,7 +32,7 @@ from memguard import fake_rules
 from memguard.categories import Category
 from memguard.device import DeviceModel
 from memguard.errors import TraceError
-from memguard.grad_buffers import GradBuffers
+from memguard.autograd_in_place import AutogradInPlace
 from memguard.library_branches import eager_branches, eager_module_conversion
 
 # ---------------------------------------------------------------------------------------------------------
@@ -458,7 +458,7 @@ class _RecordingMode(TorchDispatchMode):
         self.scalar_reads_ok = False
         self.skip_host_tensors = False
         self.assumptions = fake_rules.Assumptions()
-        self.grad_buffers = GradBuffers()
+        self.in_place = AutogradInPlace()
 
     @contextlib.contextmanager
     def optimizer_running(self) -> Iterator[None]:
@@ -479,12 +479,13 @@ class _RecordingMode(TorchDispatchMode):
             # An optimizer reading a step counter (.item()): the value never changes what is allocated.
             return 1 if not args[0].is_floating_point() else 1.0
         rule = _FAKE_RULES.get(func)  # where memguard replaces torch's fake behaviour
-        in_place = self.grad_buffers.in_place_target(func, args, kwargs)
+        in_place = self.in_place.in_place_target(func, args, kwargs)
         out = func(*args, **kwargs) if rule is None else rule(self.assumptions, func, args, kwargs)
         if self.recorder.is_paused:
             return out
         if in_place is not None and isinstance(out, torch.Tensor) and self.recorder.adopt(out, in_place):
-            return out  # autograd adds the gradients in place (see grad_buffers.py)
+            return out  # the real run updates ``in_place`` (see autograd_in_place.py)
+        self.in_place.made(func, out)
         if isinstance(out, torch.Tensor):
             flat = [out]
         elif isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) or o is None for o in out):
@@ -850,12 +851,12 @@ def _trace_forward_backward(model, batch, label, params, optimizer, program, zer
         b0 = len(events)
         if loss.requires_grad:
             with recorder.paused():
-                mode.grad_buffers.calibrate()
-            mode.grad_buffers.watch(loss)
+                mode.in_place.calibrate()
+            mode.in_place.watch(loss)
             try:
                 loss.backward()
             finally:
-                mode.grad_buffers.close()
+                mode.in_place.close()
             recorder.note_saved(events[b0:])
         del loss
         grads = []

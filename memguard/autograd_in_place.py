@@ -1,28 +1,44 @@
-"""Autograd's in-place gradient accumulation, which fake tensors never get.
+"""What autograd does in place for plain tensors and never for fake ones.
 
-When two gradients flow into the same input of a backward node (a tensor read twice: a loop over time
-steps, slices of one projection, a residual), the autograd engine's input buffer adds them. For a plain
-tensor it adds in place into whichever operand it holds the only reference to (``can_accumulate_inplace``
-in torch/csrc/autograd/input_buffer.cpp); for a tensor subclass, and every fake tensor is one, it always
-allocates ``old + new``. A trace that kept the fake behaviour would hold one extra gradient-sized buffer at
-each accumulation: +7% on a model that reads ``h[:, :, t]`` in a loop over time, +20% on one that slices
-one projection into many attention blocks.
+Fake tensors are a tensor subclass, and autograd's C++ code takes an out-of-place branch for subclasses in
+two places where it works in place for the plain tensors of a real run. A trace that kept the fake
+behaviour would hold one extra gradient-sized buffer at each, and over-predict:
 
-Recognising an accumulation: it is the ``add.Tensor`` the engine runs after a node's backward has returned
-(its post-hook has fired) while that node is still the current one. "Only reference" is read from the
-reference counts torch exposes and compared with the counts of an operand known to be sole, measured once
-in the same dispatch stack (:meth:`GradBuffers.calibrate`). Anything above that count (a gradient that also
-waits in another buffer, a view that shares the storage) keeps the out-of-place allocation, so this can
-only remove memory the real run never allocates; where the counts cannot be read it changes nothing.
+- Accumulation. When two gradients flow into one input of a backward node (a tensor read twice: a loop
+  over time steps, slices of one projection), the engine's input buffer adds them in place into whichever
+  operand it holds the only reference to (``can_accumulate_inplace`` in torch/csrc/autograd/input_buffer.cpp);
+  for a subclass it allocates ``old + new``. +7% on a model that reads ``h[:, :, t]`` in a loop, +20% on one
+  that slices a projection into many attention blocks.
+- Scatter-type backward formulas. ``gather``, ``index_select`` and ``take`` backward make a zero tensor and
+  scatter the gradient into it in place (``scatter_add_``, ``index_add_``, ``put_``); "for composite
+  compliance" they call the out-of-place twin when an operand is a subclass (FunctionsManual.cpp). +12% on a
+  model whose relative-position logits are gathered.
+
+Recognising them: an accumulation is the ``add.Tensor`` the engine runs after a node's backward returned
+(its post-hook has fired) while that node is still the current one; a formula's scatter is an out-of-place
+scatter whose base is the zeros the same C++ node just made. "Only reference" is read from the reference
+counts torch exposes and compared with the counts of an operand known to be sole, measured once in the same
+dispatch stack (:meth:`AutogradInPlace.calibrate`). Anything above that count (a gradient that also waits in
+another buffer, a view that shares the storage) keeps the out-of-place allocation, so this can only remove
+memory the real run never allocates; where the counts cannot be read it changes nothing.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 
 _ADD = torch.ops.aten.add.Tensor
+_aten = torch.ops.aten
+# Operators a backward formula builds its zero base with, and the out-of-place scatters it then calls on
+# that base only for subclasses (their plain-tensor branch is the in-place twin).
+_ZERO_MAKERS = {_aten.new_zeros.default, _aten.zeros_like.default, _aten.zeros.default}
+_SCATTERS = {
+    _aten.scatter_add.default, _aten.index_add.default, _aten.put.default, _aten.index_put.default,
+    _aten.scatter.src, _aten.scatter.value, _aten.masked_scatter.default,
+}
 
 
 def _counts(t: torch.Tensor) -> tuple[int, int] | None:
@@ -37,14 +53,15 @@ def _dense(t: torch.Tensor) -> bool:
     return bool(torch._prims_common.is_non_overlapping_and_dense_or_false(t))
 
 
-class GradBuffers:
-    """Watches one backward pass and names the operand the real engine would accumulate into."""
+class AutogradInPlace:
+    """Watches one backward pass and names the operand the real run would update in place."""
 
     def __init__(self) -> None:
         self._window: Any = None  # the node whose outputs are being added into their buffers
         self._sole: tuple[int, int] | None = None  # counts of an operand the engine holds alone
         self._probing = False
         self._probed: list[tuple[int, int] | None] = []
+        self._zeros: Any = None  # (weak reference to the zeros a C++ node just made, that node)
 
     # the window between a node's backward and the next node -------------------------------------------
     def _opened(self, _grad_inputs: Any, _grad_outputs: Any) -> None:
@@ -66,11 +83,20 @@ class GradBuffers:
             stack.extend(child for child, _ in node.next_functions)
 
     def close(self) -> None:
-        self._window = None
+        self._window = self._zeros = None
+
+    def made(self, func: Any, out: Any) -> None:
+        """Remember the zeros a C++ backward node makes: the base its formula may scatter into."""
+        if func in _ZERO_MAKERS and isinstance(out, torch.Tensor):
+            node = torch._C._current_autograd_node()
+            if node is not None and not isinstance(node, torch.autograd.function.BackwardCFunction):
+                self._zeros = (weakref.ref(out), node)
 
     # the decision ---------------------------------------------------------------------------------------
     def in_place_target(self, func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The operand of an engine accumulation that the real run adds into, or None for any other op."""
+        if func in _SCATTERS:
+            return self._scatter_base(args)
         if func is not _ADD or self._window is None or kwargs or len(args) != 2 or torch.is_grad_enabled():
             return None
         if torch._C._current_autograd_node() is not self._window:
@@ -89,6 +115,15 @@ class GradBuffers:
             if _dense(operand) and _counts(operand) == self._sole:
                 return operand
         return None
+
+    def _scatter_base(self, args: tuple) -> torch.Tensor | None:
+        if self._zeros is None or self._sole is None or torch.is_grad_enabled() or not args:
+            return None
+        ref, node = self._zeros
+        base = args[0]
+        if ref() is not base or torch._C._current_autograd_node() is not node:
+            return None
+        return base if _dense(base) and _counts(base) == self._sole else None
 
     def calibrate(self) -> None:
         """Measure the counts of an operand the engine holds alone, through the dispatch stack now active:

@@ -1,9 +1,10 @@
-"""Autograd's in-place accumulation of gradients (memguard.grad_buffers) against the real CPU peak.
+"""What autograd does in place for plain tensors (memguard.autograd_in_place), against the real CPU peak.
 
-Each model sends several gradients into one tensor's buffer; they differ in whether the real engine may add
-in place (it holds the only reference to a dense operand) or must allocate (the operand is shared or a
-broadcast view). The estimate has to follow the engine both ways: in place where it adds in place, and
-never in place where it does not, which would under-predict.
+Each model sends several gradients into one tensor's buffer, or scatters a gradient into zeros; they differ
+in whether the real run works in place (the engine holds the only reference to a dense operand; a C++
+formula's own zeros) or must allocate (a shared operand, a broadcast view, a user's out-of-place backward).
+The estimate has to follow the real run both ways: in place where it works in place, and never in place
+where it does not, which would under-predict.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import memguard
 from groundtruth import REAL_OPTIMIZERS, measure_peak
-from memguard.grad_buffers import GradBuffers
+from memguard.autograd_in_place import AutogradInPlace
 
 
 def _batch() -> torch.Tensor:
@@ -65,9 +66,53 @@ class Residual(nn.Module):
         return x.pow(2).mean()
 
 
-@pytest.mark.parametrize("model_cls", [Residual, SharedOperands, Slices], ids=lambda c: c.__name__)
+class Gathered(nn.Module):
+    """Relative-position logits gathered from a projection, rows picked by index_select and single
+    entries by take: each backward builds zeros and scatters the gradient into them in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rel, self.out = nn.Linear(32, 256), nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.rel(x)  # (8, 64, 256)
+        index = (torch.arange(64)[:, None] + torch.arange(64)[None, :]).expand(8, 64, 64)
+        picked = logits.gather(-1, index)
+        rows = logits.index_select(1, torch.arange(0, 64, 2))
+        return self.out(picked).pow(2).mean() + rows.mean() + logits.take(torch.arange(0, 4096, 3)).mean()
+
+
+class _OutOfPlaceScatter(torch.autograd.Function):
+    """A user's backward written out of place: the real run allocates the scatter's result too."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(index)
+        ctx.shape = x.shape
+        return x.gather(-1, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.shape).scatter_add(-1, index, grad), None
+
+
+class UserScatter(nn.Module):
+    """A custom backward that scatters out of place, as the real run then does too: its zeros and its
+    result are both alive at the peak of backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(32, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = torch.arange(0, 256, 16).expand(8, 64, 16)
+        return _OutOfPlaceScatter.apply(self.proj(x), index).pow(2).mean()
+
+
+@pytest.mark.parametrize("model_cls", [Gathered, Residual, SharedOperands, Slices, UserScatter], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_accumulation_follows_the_engine(model_cls: type[nn.Module], optimizer: str) -> None:
+def test_in_place_follows_the_real_run(model_cls: type[nn.Module], optimizer: str) -> None:
     torch.manual_seed(0)
     model = model_cls()
     real = measure_peak(model, _batch(), REAL_OPTIMIZERS[optimizer], loss_fn=lambda m, b: m(b))
@@ -78,7 +123,7 @@ def test_accumulation_follows_the_engine(model_cls: type[nn.Module], optimizer: 
 
 def test_the_probe_finds_a_sole_operand_under_fake_tensors() -> None:
     """Without a calibrated count the mechanism stays off; under fake tensors it must switch on."""
-    buffers = GradBuffers()
+    buffers = AutogradInPlace()
 
     class Consulting(TorchDispatchMode):  # consults the buffers on every operator, as the recording does
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
@@ -92,7 +137,7 @@ def test_the_probe_finds_a_sole_operand_under_fake_tensors() -> None:
 
 def test_nothing_is_in_place_outside_a_window() -> None:
     """An addition a backward formula makes for itself (no post-hook has fired) always allocates."""
-    buffers = GradBuffers()
+    buffers = AutogradInPlace()
     buffers._sole = (1, 1)
     a, b = torch.ones(3), torch.ones(3)
     assert buffers.in_place_target(torch.ops.aten.add.Tensor, (a, b), {}) is None
