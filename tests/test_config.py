@@ -13,7 +13,6 @@ import torch
 
 from memguard.config import (
     COMMAND_LINE,
-    TRACED_MICRO_BATCHES,
     CheckResult,
     ConfigError,
     Options,
@@ -331,12 +330,36 @@ def test_run_check_predicts_sharded_strategies_per_rank(tmp_path: Path) -> None:
     assert result.parameters == result.trainable == 124_439_808
 
 
-def test_accumulation_beyond_two_micro_batches_does_not_change_the_peak() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
-    batch = torch.zeros(64, 256)
-    peaks = {n: estimate(model, batch, accumulate_grad_batches=n, zero_grad_before_backward=True).peak_bytes
-             for n in (TRACED_MICRO_BATCHES, 5)}
-    assert peaks[5] == peaks[TRACED_MICRO_BATCHES]
+@pytest.mark.parametrize("zero_grad_before_backward", [True, False], ids=["lightning_order", "plain_order"])
+def test_five_accumulated_micro_batches_within_2_percent_of_their_measured_peak(
+        zero_grad_before_backward: bool) -> None:
+    """memguard traces the first two micro-batches of a step and takes the later ones to repeat the second:
+    the estimate for 5 is compared with the real CPU peak of two steps of 5 micro-batches each, measured
+    without memguard (tests/groundtruth.py).
+
+    SGD without momentum keeps no optimizer state, so the peak falls in a backward, where the gradients
+    accumulated by the earlier micro-batches are alive next to the new ones; the measured peak of a single
+    micro-batch per step is lower, so an estimate that left accumulation out would fail. The loss is a
+    cross-entropy against labels, as in training (the sum of the output would send an expanded gradient into
+    the last linear layer, a kernel-internal copy unrelated to accumulation)."""
+    from groundtruth import REAL_OPTIMIZERS, measure_peak
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
+
+    def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    torch.manual_seed(1)
+    batch = (torch.randn(64, 256), torch.randint(0, 256, (64,)))
+    real = {n: measure_peak(build(), batch, REAL_OPTIMIZERS["sgd"], loss_fn=loss_fn, accumulate=n,
+                            zero_grad_before_backward=zero_grad_before_backward) for n in (1, 5)}
+    assert real[5] > 1.02 * real[1]  # accumulation changes the real peak by more than the tolerance
+    est = estimate(build(), batch, loss_fn=loss_fn, optimizer="sgd", device="cpu", accumulate_grad_batches=5,
+                   zero_grad_before_backward=zero_grad_before_backward)
+    error = (est.peak_bytes - real[5]) / real[5]
+    assert abs(error) <= 0.02, f"predicted {est.peak_bytes:,} vs measured {real[5]:,} ({error:+.2%})"
 
 
 def test_local_gpus_are_used_when_none_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

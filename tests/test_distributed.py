@@ -380,7 +380,6 @@ def test_ddp_bucket_views_never_cost_more() -> None:
 # checks them against DeepSpeed itself wherever it is installed.
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from peers import _model_to_params as ds_model_to_params  # noqa: E402
 from peers import _zero2_gpu_bytes as ds_zero2_gpu_bytes  # noqa: E402
 from peers import _zero3_gpu_bytes as ds_zero3_gpu_bytes  # noqa: E402
 
@@ -435,9 +434,24 @@ print("same")
     assert out.returncode == 0 and "same" in out.stdout, out.stderr[-3000:]
 
 
-def test_largest_layer_is_deepspeeds() -> None:
-    model = Decoder(tied=True)
-    assert ds_model_to_params(model)[1] == largest_layer_params(model)
+def test_largest_layer_is_the_module_owning_the_most_parameters_directly() -> None:
+    """ZeRO-3 gathers parameters module by module, so the largest layer is the most parameters one module
+    owns itself (DeepSpeed's model_to_params), counted here by hand for zoo.Decoder(tied=True): vocab 512,
+    d 128, 3 blocks.
+
+    Directly owned, per module:
+    - the Decoder itself: ``pos``, 1 * 256 * 128 = 32,768 (its children's parameters are not its own);
+    - ``emb``, and ``head`` (bias-free, its weight tied to ``emb``'s): 512 * 128 = 65,536 each;
+    - ``ln`` and each block's ``ln1``/``ln2``: 2 * 128 = 256; ``attn`` owns nothing (qkv and proj are children);
+    - ``attn.qkv``: 128 * 384 + 384 = 49,536; ``attn.proj``: 128 * 128 + 128 = 16,512;
+    - ``mlp[0]``: 128 * 512 + 512 = 66,048; ``mlp[2]``: 512 * 128 + 128 = 65,664.
+    The largest is ``mlp[0]``, 4 * d * d + 4 * d = 66,048: above the embedding only through its bias, so
+    leaving biases out or counting a module's children with it would both give another number.
+    """
+    d = 128
+    assert largest_layer_params(Decoder(tied=True)) == 4 * d * d + 4 * d == 66_048
+    # a model without parameters has no layer to gather
+    assert largest_layer_params(nn.Sequential(nn.ReLU())) == 0
 
 
 def test_zero_stages_order_and_offload() -> None:

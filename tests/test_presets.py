@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: any hub access would fail loudly
 
@@ -12,6 +14,8 @@ import pytest
 import torch
 
 from memguard import checkpointing, presets
+from memguard.cli import main
+from memguard.config import load_config
 from memguard.errors import InvalidArgumentError
 
 # Parameter counts published for these models, written out independently of memguard/presets.py so that a
@@ -154,8 +158,26 @@ def test_unknown_preset_lists_the_closest() -> None:
         presets.get("no-such-model")
 
 
-def test_names_are_the_table_sorted() -> None:
-    assert presets.names() == sorted(presets.PRESETS)
+def test_every_listed_preset_loads_from_a_config_by_its_hub_id(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The rows of ``memguard presets --json`` are what a user picks from, and each names a preset of the
+    table once. A row's Hub id, written as a config's ``model.preset``, loads the preset of that row, with
+    the parameter count the row prints and the preset's default input; its name and aliases find the same."""
+    assert main(["presets", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["presets"]
+    listed = [row["name"] for row in rows]
+    assert listed == sorted(set(listed)) == presets.names()
+    assert set(listed) == {p.name for p in presets.PRESETS.values()}
+    config = tmp_path / "config.yaml"
+    for row in rows:
+        config.write_text(f"model: {{preset: {json.dumps(row['hub_id'])}}}\n")
+        spec = load_config(config)
+        assert spec.model_label == row["name"], row["hub_id"]
+        assert _count(spec.model_factory()) == row["parameters"], row["hub_id"]
+        default = presets.example_batch(row["name"], 1)
+        assert {k: v.shape for k, v in spec.batch.items()} == {k: v.shape for k, v in default.items()}, row["name"]
+        assert [presets.get(s).name for s in (row["name"], *row["aliases"])] == [row["name"]] * (
+            1 + len(row["aliases"]))
 
 
 def test_presets_are_read_only() -> None:
