@@ -293,6 +293,8 @@ class Row:
     real_failed: str = ""
     traced: bool = False
     estimate: int | None = None
+    bound: int | None = None
+    """Estimate.bound_bytes: above ``estimate`` only where routing was assumed."""
     error: float | None = None
     estimate_seconds: float | None = None
     trace_error: str = ""
@@ -403,6 +405,7 @@ def run_one(arch: Arch, send: Callable[[dict], None]) -> None:
     row.estimate_seconds = time.perf_counter() - started
     row.traced = True
     row.estimate = est.peak_bytes
+    row.bound = est.bound_bytes
     row.error = (est.peak_bytes - row.real_peak) / row.real_peak
     row.notes = list(est.notes)
     row.assumption = "; ".join(n for n in est.notes if "assum" in n.lower())
@@ -488,6 +491,7 @@ def summarize(rows: list[dict]) -> dict:
         "median_abs_error": statistics.median(errors) if errors else None,
         "max_abs_error": max(errors) if errors else None,
         "crashes": sum(r["trace_error_kind"] == "crash" for r in usable),
+        "bound_below_real": [r["name"] for r in traced if (r.get("bound") or r["estimate"]) < r["real_peak"]],
     }
 
 
@@ -498,11 +502,19 @@ def _grouped(rows: list[dict], field_name: str) -> dict[str, list[dict]]:
     return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
 
 
+def _bound(r: dict) -> str:
+    """The routing bound where it differs from the estimate, with its error."""
+    bound = r.get("bound")
+    if bound is None or r["estimate"] is None or bound == r["estimate"]:
+        return ""
+    return f"{_mib(bound)} ({_pct((bound - r['real_peak']) / r['real_peak'])})"
+
+
 def render(rows: list[dict], total_seconds: float, timeout: float) -> tuple[list[list[str]], list[str]]:
     s = summarize(rows)
     usable = [r for r in rows if r["instantiable"] and r["real_peak"] is not None]
     table = [[r["name"], r["class_name"], f"{r['params']:,}", _mib(r["real_peak"]),
-              "yes" if r["traced"] else "**no**", _mib(r["estimate"]), _pct(r["error"]),
+              "yes" if r["traced"] else "**no**", _mib(r["estimate"]), _pct(r["error"]), _bound(r),
               "" if r["estimate_seconds"] is None else f"{r['estimate_seconds']:.1f}",
               (r["trace_error"] or r["assumption"]).replace("|", "\\|")[:160]] for r in usable]
     med = "n/a" if s["median_abs_error"] is None else f"{s['median_abs_error']:.2%}"
@@ -515,6 +527,8 @@ def render(rows: list[dict], total_seconds: float, timeout: float) -> tuple[list
         f"- traced within {WITHIN:.0%} of the real peak: **{s['within_2pct']} / {s['traced']}**",
         f"- abs error over traced: median **{med}**, max **{mx}**",
         f"- Python exceptions raised in memguard's own code (crashes, not refusals): {s['crashes']}",
+        "- traced with the bound (Estimate.bound_bytes, what \"fits\" is decided on) below the real peak: "
+        + (", ".join(s["bound_below_real"]) or "none"),
     ]
     traced = sorted((r for r in usable if r["traced"]), key=lambda r: r["error"])
     if traced:
@@ -562,7 +576,7 @@ def write_results(rows: list[dict], output: str, total_seconds: float, timeout: 
     coverage.json with the raw rows."""
     table, notes = render(rows, total_seconds, timeout)
     summary_end = notes.index("## Not traced, by error") - 1
-    headers = ["architecture", "class", "parameters", "real peak", "traced", "estimate", "error", "estimate s",
+    headers = ["architecture", "class", "parameters", "real peak", "traced", "estimate", "error", "bound", "estimate s",
                "not traced because / assumption"]
     lines = ["# Coverage: which architectures memguard traces, and how exactly (CPU ground truth)", "",
              f"Machine: {machine()}", *notes[:summary_end], "", "## All instantiable architectures", "",

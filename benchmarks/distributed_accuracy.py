@@ -2,7 +2,7 @@
 
 Every case of tests/test_distributed.py runs for real on 2 and 4 gloo ranks (one process per rank, each
 measuring its own peak of live tensor bytes with torch.profiler's allocator events, without memguard), and
-memguard.distributed.estimate_distributed(device="cpu") predicts each rank. The "single-process" column is
+memguard.estimation.distributed.estimate_distributed(device="cpu") predicts each rank. The "single-process" column is
 what a strategy-blind estimate would say for every rank: memguard.estimate() of the same model, batch,
 precision and checkpointing on one process.
 

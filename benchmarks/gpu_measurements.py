@@ -12,7 +12,7 @@ compared with the statistic the source measured:
   measured on the same machine where the source measured it (hf_cal_context for the V100 points).
 
 OOM observations are checked too: the predicted device memory must exceed the card's usable capacity.
-Multi-GPU points are predicted only when ``memguard.distributed.estimate_distributed`` exists. Beside
+Multi-GPU points are predicted only when ``memguard.estimation.distributed.estimate_distributed`` exists. Beside
 memguard, every predicted point gets the predictions of the tools of benchmarks/peers.py that size a run
 without running it (accelerate, DeepSpeed's ZeRO-2 / ZeRO-3 estimators, torchinfo, 24 bytes per parameter)
 where they apply, with their own summary (``--no-peers`` leaves them out).
@@ -417,7 +417,7 @@ EMULATIONS = {
 
 def estimate_point(spec: dict[str, Any]) -> Any:
     """Run memguard.estimate for a point's memguard block."""
-    from memguard.estimate import estimate
+    from memguard.estimation import estimate
 
     model = build_model(spec["model"], spec.get("lora"))
     batch = build_batch(spec, model)
@@ -591,12 +591,12 @@ for backward, which SDPA does not materialize: 188 MB a layer for batch 12 x 512
 
 
 def _distributed(entry: dict[str, Any], data: dict[str, Any]) -> Result:
-    """Multi-GPU points: predicted with memguard.distributed.estimate_distributed when memguard has it and the
+    """Multi-GPU points: predicted with memguard.estimation.distributed.estimate_distributed when memguard has it and the
     point maps its strategy; otherwise left to the distributed benchmark."""
     spec = entry["memguard"]
     reason = spec.get("skip") or "distributed prediction compared in the distributed benchmark"
     try:
-        mod = importlib.import_module("memguard.distributed")
+        mod = importlib.import_module("memguard.estimation.distributed")
     except ImportError:
         mod = None
     fn = getattr(mod, "estimate_distributed", None)
@@ -635,7 +635,7 @@ def _distributed(entry: dict[str, Any], data: dict[str, Any]) -> Result:
 
 
 def _strategy(mod: Any, sspec: dict[str, Any], model: torch.nn.Module) -> Any:
-    """The point's strategy in memguard.distributed's terms (FSDP wrap / checkpoint classes found by name)."""
+    """The point's strategy in memguard.estimation.distributed's terms (FSDP wrap / checkpoint classes found by name)."""
     if sspec["kind"] != "fsdp":
         return mod.parse_strategy(sspec["kind"])
 

@@ -54,7 +54,7 @@ warnings.filterwarnings("ignore")
 sys.path.insert(0, {bench!r})
 import torch, transformers
 from transformers import LlamaConfig, LlamaForCausalLM
-import memguard, memguard.estimate, memguard.trace, memguard.presets
+import memguard, memguard.estimation, memguard.trace, memguard.presets
 from _common import llama_on_meta
 label, preset, tool, seq, gpu = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

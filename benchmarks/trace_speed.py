@@ -24,7 +24,7 @@ CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {bench!r})
 import torch, memguard
-import memguard.estimate, memguard.trace  # imports are not part of the timed work
+import memguard.estimation, memguard.trace  # imports are not part of the timed work
 from transformers import LlamaConfig, LlamaForCausalLM
 from _common import llama_on_meta
 name, tool, seq = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -14,9 +14,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "estimate": "memguard.estimate",
-    "Estimate": "memguard.estimate",
-    "TimelinePoint": "memguard.estimate",
+    "estimate": "memguard.estimation",
+    "Estimate": "memguard.results",
+    "TimelinePoint": "memguard.results",
     "preflight": "memguard.preflight",
     "Decision": "memguard.guard",
     "OutOfMemoryPredicted": "memguard.guard",
@@ -47,8 +47,7 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """Importing a submodule that shares its name with a public function (memguard.estimate,
-    memguard.preflight) must not hide the function: Python sets the package attribute on import."""
+    """Importing a submodule that shares its name with a public function (memguard.preflight) must not hide the function: Python sets the package attribute on import."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _EXPORTS and isinstance(value, types.ModuleType) and _EXPORTS[name] == value.__name__:

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 from memguard import _lightning, checkpointing
 from memguard.errors import MemguardError
-from memguard.estimate import Estimate
+from memguard.results import Estimate
 from memguard.guard import (
     Decision,
     OutOfMemoryPredicted,
@@ -34,17 +34,15 @@ from memguard.guard import (
     decide,
     detect_capacity,
     explain,
-    first_optimizer,
     optimizer_factory,
     optimizers_available,
-    parse_bytes,
     repoint_scheduler,
 )
-from memguard.optimizers import CATALOG
+from memguard.optimizers import CATALOG, first_optimizer
 from memguard.plan import DEFAULT_MARGIN, KNOBS, TrainingConfig, batch_size_of, estimator
 from memguard.precision import Precision
 from memguard.quiet import quiet
-from memguard.report import format_bytes
+from memguard.units import format_bytes, parse_bytes
 
 STATE_VERSION = 1
 

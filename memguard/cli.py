@@ -228,7 +228,8 @@ def _gpu_json(gpu: Any) -> dict[str, Any]:
 
 def _gpu_table(gpus: list[Any]) -> str:
     """The visible GPUs as a text table."""
-    from memguard.report import format_bytes, render_table
+    from memguard.report import render_table
+    from memguard.units import format_bytes
 
     headers = ["index", "name", "total", "free", "used", "other processes", "compute", "bf16", "MIG"]
     rows = []
@@ -256,7 +257,8 @@ def _mig_cell(gpu: Any) -> str:
 def _print_catalog(as_json: bool) -> int:
     """``memguard gpus --catalog``: the GPU models memguard can plan for without the hardware."""
     from memguard.gpu_catalog import CATALOG
-    from memguard.report import format_bytes, render_table
+    from memguard.report import render_table
+    from memguard.units import format_bytes
 
     if as_json:
         print(json.dumps({"catalog": [asdict(gpu) for gpu in CATALOG]}, indent=2))
@@ -285,7 +287,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     with _quiet_libraries(args.debug):
         with _startup():
-            from memguard.config import Options, load_config, run_check
+            from memguard.check import run_check
+            from memguard.config import Options, load_config
 
             options = Options(gpus=tuple(args.gpu), devices=args.devices, num_nodes=args.num_nodes,
                               allow=args.allow, margin=args.margin, fallback=False if args.no_fallback else None,

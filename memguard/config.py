@@ -20,8 +20,8 @@ Every problem found is collected and raised at once as one :class:`ConfigError` 
 each. Nothing in a config is evaluated as code: importing a ``class_path`` (and
 running that class's constructor and ``configure_optimizers`` on the meta device) is the only code that runs.
 
-:func:`run_check` is the pure core of the command: spec + targets -> :class:`CheckResult`. It prints
-nothing; ``cli.py`` prints and ``report.py`` renders.
+:func:`load_config` gives the :class:`CheckSpec` that :func:`memguard.check.run_check` checks; nothing here
+prints, estimates or touches a GPU.
 """
 
 from __future__ import annotations
@@ -41,16 +41,13 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from memguard import gpus as local_gpus
 from memguard import hub, optimizers, presets
+from memguard.optimizers import first_optimizer
 from memguard.errors import InvalidArgumentError, MemguardError, closest, unknown_name
-from memguard.estimate import Estimate
-from memguard.gpu_catalog import CatalogGPU, lookup, match_device
-from memguard.guard import first_optimizer
-from memguard.plan import DEFAULT_MARGIN, KNOBS, Plan, TrainingConfig, batch_size_of, estimator, plan, required_bytes
+from memguard.gpu_catalog import lookup
+from memguard.plan import DEFAULT_MARGIN, KNOBS, TrainingConfig, batch_size_of
 from memguard.precision import Precision
 from memguard.quantization import QuantScheme
-from memguard.trace import TRACED_MICRO_BATCHES
 
 # ---------------------------------------------------------------------------------------------------------
 # Errors
@@ -1552,186 +1549,4 @@ def parse_knobs(text: str) -> list[str]:
     return [k.strip() for k in text.split(",") if k.strip()]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Running the check
-
-
-EXIT_FITS = 0
-EXIT_NO_FIT = 1
-EXIT_PLAN = 3
-"""``memguard check``'s exit codes for a check that ran (2, invalid input, is the command line's)."""
-EXIT_MEANINGS = {
-    EXIT_FITS: "fits as configured",
-    EXIT_NO_FIT: "does not fit, even with the allowed fallbacks",
-    EXIT_PLAN: "fits only with the plan's changes",
-}
-_SEVERITY = {EXIT_FITS: 0, EXIT_PLAN: 1, EXIT_NO_FIT: 2}
-
-
-@dataclass(frozen=True)
-class Target:
-    """A device to check against: a catalog model, or a GPU of this machine with its free memory."""
-
-    name: str
-    capacity_bytes: int
-    source: str
-    """Where the capacity comes from, in words."""
-    catalog: CatalogGPU | None = None
-    """The :class:`memguard.gpu_catalog.CatalogGPU` entry (kernels, context size); None when unknown."""
-    bf16: bool = True
-    index: int | None = None
-    """The local CUDA index, for a discovered GPU."""
-
-
-@dataclass
-class TargetResult:
-    """The answer for one target: as configured, and the plan when it does not fit."""
-
-    target: Target
-    estimate: Estimate
-    required_bytes: int
-    fits: bool
-    """Fits as configured, margin included."""
-    plan: Plan | None = None
-    """The planner's answer, when it was asked (the configuration does not fit and fallbacks are allowed)."""
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        """0 fits as configured, 3 fits with the plan, 1 nothing allowed fits."""
-        if self.fits:
-            return EXIT_FITS
-        return EXIT_PLAN if self.plan is not None and self.plan.fits else EXIT_NO_FIT
-
-
-@dataclass
-class CheckResult:
-    """Every target's answer, and the notes that hold for all of them."""
-
-    spec: CheckSpec
-    targets: list[TargetResult]
-    notes: list[str]
-    parameters: int = 0
-    """Parameters of the model as built (tied weights once), adapters included."""
-    trainable: int = 0
-
-    @property
-    def exit_code(self) -> int:
-        """The worst target's: 1 if any fits nothing allowed, else 3 if any needs its plan, else 0."""
-        return max((t.exit_code for t in self.targets), key=_SEVERITY.__getitem__, default=EXIT_FITS)
-
-    @property
-    def deciding(self) -> TargetResult:
-        """The first target with the worst exit code (the one the exit code reports on)."""
-        code = self.exit_code
-        return next(t for t in self.targets if t.exit_code == code)
-
-    @property
-    def fits(self) -> bool:
-        """Fits as configured on every target."""
-        return all(t.fits for t in self.targets)
-
-
-def resolve_targets(spec: CheckSpec) -> list[Target]:
-    """The spec's GPUs from the catalog; without any, the GPUs of this machine (free memory, from NVML)."""
-    if spec.gpus:
-        out = []
-        for name in spec.gpus:
-            gpu = lookup(name)
-            out.append(Target(gpu.name, gpu.usable_bytes, "catalog: usable memory", gpu, gpu.bf16))
-        return out
-    found = local_gpus.discover()
-    usable = [g for g in found.gpus if g.error is None]
-    if not usable:
-        reason = found.error or "; ".join(f"GPU {g.index}: {g.error}" for g in found.gpus) or "none found"
-        raise MemguardError(f"no GPU to check against ({reason}); pass --gpu NAME "
-                            "(memguard gpus --catalog lists the names)")
-    return [Target(g.name, g.free_bytes, f"GPU {g.index}: free memory now (NVML)", match_device(g), g.bf16, g.index)
-            for g in usable]
-
-
-def run_check(spec: CheckSpec, targets: Sequence[Target] | None = None) -> CheckResult:
-    """Estimate the configuration on each target and, where it does not fit and fallbacks are allowed,
-    plan the cheapest change that does. Pure apart from NVML when no target is given or configured.
-
-    Targets of the same GPU model share their estimates: only the capacity differs.
-    """
-    targets = list(targets) if targets is not None else resolve_targets(spec)
-    model = spec.model_factory()
-    notes = list(spec.notes) + _strategy_notes(spec)
-    if spec.training.accumulate_grad_batches > TRACED_MICRO_BATCHES:
-        notes.append(f"accumulate_grad_batches {spec.training.accumulate_grad_batches}: traced with "
-                     f"{TRACED_MICRO_BATCHES} micro-batches per step; later ones repeat the second exactly, so the "
-                     "peak is the same")
-    evaluators: dict[str | None, Callable[[TrainingConfig], Estimate]] = {}
-    results = []
-    for target in targets:
-        key = target.catalog.name if target.catalog is not None else None
-        if key not in evaluators:
-            evaluators[key] = _evaluator(spec, model, target.catalog)
-        evaluate = evaluators[key]
-        est = evaluate(spec.training)
-        need = required_bytes(est, spec.margin)
-        fits = need <= target.capacity_bytes
-        result = TargetResult(target, est, need, fits, notes=_target_notes(spec, target))
-        if not fits and spec.fallback and spec.allow != ():
-            result.plan = plan(spec.training, evaluate, target.capacity_bytes, allow=spec.allow,
-                               bf16_supported=target.bf16, margin=spec.margin, base_estimate=est,
-                               world_size=spec.world_size or 1, strategy=spec.strategy)
-        results.append(result)
-    params = list(model.parameters())  # tied weights once
-    return CheckResult(spec, results, notes, parameters=sum(p.numel() for p in params),
-                       trainable=sum(p.numel() for p in params if p.requires_grad))
-
-
-
-def _evaluator(spec: CheckSpec, model: nn.Module, gpu: Any) -> Callable[[TrainingConfig], Estimate]:
-    """The planner's estimate function for one GPU model (memoised per configuration, traces shared)."""
-    return estimator(
-        model,
-        spec.batch,
-        optimizers={spec.training.optimizer: {"optimizer": spec.optimizer, "optimizer_kwargs": spec.optimizer_kwargs}},
-        gradient_checkpointing=spec.gradient_checkpointing,
-        loss_fn=spec.loss_fn,
-        device="cuda",
-        gpu=gpu,
-        zero_grad_before_backward=spec.zero_grad_before_backward,
-        on_untraceable="bound",
-        quantization=spec.quantization,
-        **_distributed(spec),
-    )
-
-
-def _distributed(spec: CheckSpec) -> dict[str, Any]:
-    """estimate()'s strategy arguments: per-rank prediction for several ranks (or an explicit strategy)."""
-    world = spec.world_size or 1
-    if world == 1 and spec.strategy in ("auto", "single_device", None):
-        return {}
-    return {"strategy": spec.strategy, "world_size": world, "num_nodes": spec.num_nodes or 1}
-
-
-def _strategy_notes(spec: CheckSpec) -> list[str]:
-    """What the numbers mean under the configured strategy and device count."""
-    if spec.world_size is None:
-        return ["the number of devices is decided at run time (devices: auto): predicted for one device"]
-    if spec.world_size == 1:
-        return []
-    return [f"strategy {spec.strategy!r} over {spec.world_size} devices ({spec.devices} per node x {spec.num_nodes} "
-            f"node{'s' if spec.num_nodes > 1 else ''}): the numbers are the largest rank's"]
-
-
-def _target_notes(spec: CheckSpec, target: Target) -> list[str]:
-    notes = []
-    if spec.training.precision.startswith("bf16") and not target.bf16:
-        notes.append(f"{target.name} has no native bfloat16: Lightning will refuse precision "
-                     f"{spec.training.precision!r} there; use '16-mixed'")
-    if target.catalog is None:
-        notes.append(f"{target.name} is not in memguard's GPU catalog: kernels and CUDA context modelled as an "
-                     "sm80-class GPU")
-    return notes
-
-
-__all__ = [
-    "CheckResult", "CheckSpec", "ConfigError", "LoraSpec", "Options", "Problem", "SCHEMA", "Target", "TargetResult",
-    "load_config", "resolve_targets", "run_check",
-]
+__all__ = ["CheckSpec", "ConfigError", "LoraSpec", "Options", "Problem", "SCHEMA", "load_config"]

@@ -43,15 +43,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from memguard.errors import InvalidArgumentError, closest, unknown_name
-
-if TYPE_CHECKING:
-    from memguard.gpus import GPUInfo
-
-MiB = 2**20
-GiB = 2**30
+from memguard.units import MiB
 
 EAGER_CONTEXT_BYTES_V100 = 1343 * MiB
 """CUDA context plus PyTorch's kernel images loaded eagerly: NVML "used" right after a first tiny tensor on
@@ -321,19 +316,20 @@ def _unknown(name: str) -> InvalidArgumentError:
     return InvalidArgumentError(f"unknown GPU {name!r}. Did you mean {hint}? Valid: {', '.join(sorted(names()))}.")
 
 
-def match_device(info: GPUInfo) -> CatalogGPU | None:
-    """The catalog entry for a discovered device, by its NVML name; None for a model the catalog lacks.
+def match_device(info: Any) -> CatalogGPU | None:
+    """The catalog entry for a discovered device (anything with NVML's ``name`` and ``total_bytes``,
+    such as :class:`memguard.gpus.GPUInfo`); None for a model the catalog lacks."""
+    return match_name(getattr(info, "name", None), getattr(info, "total_bytes", 0) or 0)
 
-    A name that fits several entries ("NVIDIA A100") is settled by the device's total memory: the entry
-    whose ``total_bytes`` is within 5% of it.
-    """
-    name = getattr(info, "name", None)
+
+def match_name(name: Any, total: int = 0) -> CatalogGPU | None:
+    """The catalog entry for an NVML device name. A name that fits several entries ("NVIDIA A100") is
+    settled by the device's total memory: the entry whose ``total_bytes`` is within 5% of it."""
     if not isinstance(name, str) or not name.strip():
         return None
     gpu, candidates = _find(name)
     if gpu is not None:
         return gpu
-    total = getattr(info, "total_bytes", 0) or 0
     near = [_BY_NAME[c] for c in candidates if total and abs(_BY_NAME[c].total_bytes - total) <= 0.05 * total]
     return min(near, key=lambda g: abs(g.total_bytes - total)) if near else None
 

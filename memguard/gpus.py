@@ -447,9 +447,9 @@ def _compute_capability(pynvml: Any, handle: Any, name: str, total: int) -> tupl
         return int(major), int(minor)
     except (pynvml.NVMLError, AttributeError):
         pass
-    from memguard.gpu_catalog import match_device
+    from memguard.gpu_catalog import match_name
 
-    entry = match_device(GPUInfo(index=0, nvml_index=0, name=name, uuid="", total_bytes=total))
+    entry = match_name(name, total)
     return entry.compute_capability if entry is not None else None
 
 

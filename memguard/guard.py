@@ -6,7 +6,7 @@ This is an edge module (it reads NVML and host memory); the estimate and the pla
 
 from __future__ import annotations
 
-import re
+
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import wraps
@@ -15,15 +15,12 @@ from weakref import ref
 
 import torch
 
-from memguard.errors import InvalidArgumentError, MemguardError, unknown_name
-from memguard.estimate import Estimate
+from memguard.errors import MemguardError, unknown_name
+from memguard.results import Estimate
 from memguard.plan import DEFAULT_MARGIN, Plan, TrainingConfig, plan, required_bytes
+from memguard.units import format_bytes
 
 POLICIES = ("auto", "abort", "warn")
-
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
 
 class OutOfMemoryPredicted(MemguardError):
     """The run would not fit (under the policy in force), raised before its first step.
@@ -34,26 +31,6 @@ class OutOfMemoryPredicted(MemguardError):
     def __init__(self, message: str, decision: Decision | None = None) -> None:
         super().__init__(message)
         self.decision = decision
-
-
-def parse_bytes(value: int | float | str | None, what: str = "budget") -> int | None:
-    """``12GiB``, ``"16 GB"``, ``8e9`` or an int -> bytes (GiB = 2**30, GB = 10**9)."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value <= 0:
-            raise InvalidArgumentError(f"{what} must be positive, got {value}")
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-    if not match:
-        raise InvalidArgumentError(f"{what} {value!r} is not a size; write e.g. 12GiB, 16GB or 8000000000")
-    number, unit = float(match.group(1)), (match.group(2) or "b").lower()
-    if unit not in _UNITS:
-        raise unknown_name(f"{what} unit", match.group(2), ["B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"])
-    nbytes = int(number * _UNITS[unit])
-    if nbytes <= 0:
-        raise InvalidArgumentError(f"{what} must be positive, got {value!r}")
-    return nbytes
 
 
 def check_policy(policy: str) -> str:
@@ -238,7 +215,6 @@ def decide(
 
 def explain(decision: Decision) -> str:
     """The one-paragraph summary used in errors and warnings; the full report is ``str(decision)``."""
-    from memguard.report import format_bytes
 
     need = format_bytes(decision.required_bytes)
     cap = format_bytes(decision.capacity_bytes)
@@ -289,6 +265,8 @@ def optimizer_factory(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
             built.append({**hyper, "params": [params[i] for i in idxs]})
         return cls(built)
 
+    from memguard.optimizers import catalog_name
+
     name = catalog_name(optimizer)
     if name is not None and cls.__module__.split(".")[0] in ("bitsandbytes", "torchao"):
         return name, name
@@ -298,38 +276,6 @@ def optimizer_factory(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
         # torch's fused kernels have no shape-only implementation: the catalog's fused stand-in is exact
         return make_factory(name, "fused", device="cpu" if device_type == "cpu" else "cuda")[0], name
     return factory, name or cls.__name__
-
-
-def first_optimizer(configured: Any) -> torch.optim.Optimizer | None:
-    """The first optimizer in whatever ``configure_optimizers`` returned (an optimizer, lists, dicts)."""
-    from collections.abc import Mapping
-
-    if isinstance(configured, torch.optim.Optimizer):
-        return configured
-    if isinstance(configured, Mapping):
-        return first_optimizer(configured.get("optimizer"))
-    if isinstance(configured, (list, tuple)):
-        for item in configured:
-            found = first_optimizer(item)
-            if found is not None:
-                return found
-    return None
-
-
-def catalog_name(optimizer: torch.optim.Optimizer) -> str | None:
-    """The catalog name of a live optimizer, when memguard knows its class."""
-    from memguard.optimizers import CATALOG
-
-    cls, defaults = type(optimizer), optimizer.defaults
-    for name, row in CATALOG.items():
-        if row.cls_path.rsplit(".", 1)[-1] != cls.__name__ or not cls.__module__.startswith(row.library):
-            continue
-        if name == "sgd_momentum" and not defaults.get("momentum"):
-            continue
-        if name == "sgd" and defaults.get("momentum"):
-            continue
-        return name
-    return None
 
 
 def optimizers_available() -> tuple[str, ...]:

@@ -1088,6 +1088,26 @@ def entry_for_class(cls: type | str) -> OptimizerEntry | None:
     return None
 
 
+def catalog_name(optimizer: Any) -> str | None:
+    """The catalog name of an optimizer class or a live optimizer (:func:`entry_for_class`)."""
+    row = entry_for_class(optimizer if isinstance(optimizer, type) else type(optimizer))
+    return row.name if row is not None else None
+
+
+def first_optimizer(configured: Any) -> torch.optim.Optimizer | None:
+    """The first optimizer in whatever ``configure_optimizers`` returned (an optimizer, lists, dicts)."""
+    if isinstance(configured, torch.optim.Optimizer):
+        return configured
+    if isinstance(configured, Mapping):
+        return first_optimizer(configured.get("optimizer"))
+    if isinstance(configured, (list, tuple)):
+        for item in configured:
+            found = first_optimizer(item)
+            if found is not None:
+                return found
+    return None
+
+
 def _class_implementation(cls: type, kwargs: Mapping[str, Any], requested: str) -> str:
     if cls.__module__.startswith("lion_pytorch"):
         if cls.__module__.endswith("foreach"):

@@ -40,7 +40,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from memguard.advice import how_to
 from memguard.errors import InvalidArgumentError, unknown_name
-from memguard.estimate import Estimate, estimate
+from memguard.estimation import estimate
+from memguard.results import Estimate
 
 KNOBS = ("precision", "optimizer", "micro_batch", "checkpointing", "sharding", "offload")
 """Every knob the planner can turn, in the default order of preference for equal cost."""

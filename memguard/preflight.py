@@ -20,12 +20,12 @@ from memguard.guard import (
     explain,
     optimizer_factory,
     optimizers_available,
-    parse_bytes,
 )
-from memguard.optimizers import CATALOG
+from memguard.optimizers import catalog_name
 from memguard.plan import DEFAULT_MARGIN, TrainingConfig, batch_size_of, estimator
 from memguard.precision import Precision
 from memguard.quiet import quiet
+from memguard.units import parse_bytes
 
 
 def preflight(
@@ -106,6 +106,5 @@ def _optimizer(optimizer: Any, model: nn.Module, device_type: str) -> tuple[Any,
     if isinstance(optimizer, str):
         return optimizer, optimizer.strip().lower().replace("-", "_")
     if isinstance(optimizer, type):
-        return optimizer, next((n for n, row in CATALOG.items() if row.cls_path.endswith("." + optimizer.__name__)),
-                               optimizer.__name__)
+        return optimizer, catalog_name(optimizer) or optimizer.__name__
     return optimizer, getattr(optimizer, "__name__", "factory")

@@ -14,63 +14,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memguard.categories import ALLOCATED_CATEGORIES, Category
-from memguard.errors import InvalidArgumentError, unknown_name
+from memguard.categories import Category
+from memguard.errors import InvalidArgumentError
+from memguard.results import EXIT_MEANINGS
+from memguard.text import _NAMES, _ORDER, HOLDER_ROWS, KIND_ROWS, _indent, holders_section, render_table
+from memguard.units import GiB, format_bytes, unit_for
 
 if TYPE_CHECKING:  # the report renders them; importing them here would load torch for `memguard gpus`
-    from memguard.config import CheckResult, TargetResult
-    from memguard.estimate import Estimate
+    from memguard.results import CheckResult, TargetResult
+    from memguard.results import Estimate
     from memguard.plan import Plan
-
-GiB = 2**30
-
-_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-
-
-def format_bytes(n: int, unit: str = "auto") -> str:
-    """``n`` bytes in a binary unit: ``"80.00 GiB"``, ``"512 B"``.
-
-    ``unit="auto"`` picks the largest unit in which the magnitude is at least 1; otherwise one of
-    ``B``, ``KiB``, ``MiB``, ``GiB``, ``TiB``. Negative sizes (differences) keep their sign.
-    """
-    if unit == "auto":
-        unit = unit_for(n)
-    if unit not in _UNITS:
-        raise unknown_name("unit", unit, ["auto", *_UNITS])
-    if unit == "B":
-        return f"{int(n)} B"
-    return f"{n / _UNITS[unit]:.2f} {unit}"
-
-
-def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:
-    """A plain text table: a header line, a rule, then one line per row, columns two spaces apart.
-
-    ``align`` has one character per column, ``"<"`` (left) or ``">"`` (right); by default text columns
-    are left-aligned and columns whose cells are all numbers right-aligned. Cells become ``str(cell)``.
-    """
-    cells = [[str(c) for c in row] for row in rows]
-    width = len(headers)
-    for row in cells:
-        if len(row) != width:
-            raise ValueError(f"row {row!r} has {len(row)} cells; the table has {width} columns")
-    align = align or "".join(_default_align(rows, col) for col in range(width))
-    if len(align) != width or set(align) - {"<", ">"}:
-        raise ValueError(f"align must be {width} characters of '<' or '>', got {align!r}")
-    widths = [max([len(headers[c])] + [len(r[c]) for r in cells]) for c in range(width)]
-
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(f"{v:{a}{w}}" for v, a, w in zip(values, align, widths)).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(list(headers)), rule, *(line(r) for r in cells)])
-
-
-def _default_align(rows: Sequence[Sequence[object]], col: int) -> str:
-    """Right for a column of numbers, left otherwise."""
-    values = [row[col] for row in rows]
-    numeric = values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    return ">" if numeric else "<"
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The memory report: one estimate against one capacity, with the plan when there is one
@@ -83,8 +36,6 @@ _LETTERS = {
     Category.TEMPORARIES: "T", Category.INPUTS: "I", Category.WORKSPACE: "W", Category.OTHER: "?",
     Category.ALLOCATOR: "R", Category.CONTEXT: "C",
 }
-_NAMES = {Category.OPTIMIZER_STATE: "optimizer state", Category.ALLOCATOR: "allocator cache",
-          Category.CONTEXT: "CUDA context"}
 _WRAP = 100
 """Prose in the report wraps at this width; tables keep their own."""
 _COLORS = {
@@ -93,16 +44,6 @@ _COLORS = {
     Category.WORKSPACE: "#b07aa1", Category.OTHER: "#9c755f", Category.ALLOCATOR: "#bab0ac",
     Category.CONTEXT: "#79706e",
 }
-_ORDER = (*ALLOCATED_CATEGORIES, Category.ALLOCATOR, Category.CONTEXT)
-"""Report order: allocated categories, then what the device holds on top of them."""
-
-
-def unit_for(n: int) -> str:
-    """The unit a table of sizes up to ``n`` is written in: the largest binary unit in which ``n`` is at
-    least 1, so a 100 MiB budget reads "100.00 MiB", not "0.10 GiB"."""
-    return next((u for u in ("TiB", "GiB", "MiB", "KiB") if abs(n) >= _UNITS[u]), "B")
-
-
 def _pct(n: int, capacity: int) -> str:
     return f"{100 * n / capacity:.1f}%"
 
@@ -259,62 +200,6 @@ def _bullet(text: str) -> str:
                          break_on_hyphens=False, break_long_words=False)
 
 
-def _indent(text: str, by: str = "  ") -> str:
-    return "\n".join(by + line if line else line for line in text.splitlines())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Where the memory goes: the largest holders at the peak
-
-HOLDER_ROWS = 8
-"""Modules listed in the report's holders section (kinds: ``KIND_ROWS``); the JSON keeps them all."""
-KIND_ROWS = 6
-
-
-def _short(kind: str) -> str:
-    """Kinds as the report's tables show them: "(saved)" for what autograd keeps for backward."""
-    return kind.replace(" (saved for backward)", " (saved)")
-
-
-def _parts(parts: Sequence[tuple[str, int]]) -> str:
-    return ", ".join(f"{_short(name)} {format_bytes(n)}" for name, n in parts)
-
-
-def holders_section(estimate: Estimate, modules: int = HOLDER_ROWS, kinds: int = KIND_ROWS) -> str:
-    """Which modules and which kinds of tensors hold the memory at the peak: the largest module patterns
-    (repeated blocks merged, ``xN`` how many) with their largest kinds, then the largest kinds with the
-    modules holding them. Sizes sum over every block a pattern stands for."""
-    by_module = estimate.top_holders(modules, by="module", parts=2)
-    rows = [[g.name, f"x{g.count}" if g.count > 1 else "", format_bytes(g.bytes), _parts(g.parts)]
-            for g in by_module]
-    table = render_table(["module", "", "size", "largest kinds"], rows, align="<<><")
-    by_kind = estimate.top_holders(kinds, by="kind", parts=2)
-    kind_rows = [[_short(g.name), _NAMES.get(g.category, str(g.category)), format_bytes(g.bytes), _parts(g.parts)]
-                 for g in by_kind]
-    kind_table = render_table(["kind", "category", "size", "largest holders"], kind_rows, align="<<><")
-    return (f"Largest holders at the peak ({estimate.peak_phase}; \"*\" merges repeated blocks, xN counts them):\n"
-            + _indent(table) + "\n\nLargest kinds of tensors at the peak (aten.*: the operator that made them; "
-            "(saved): kept for backward):\n" + _indent(kind_table))
-
-
-def render_estimate(estimate: Estimate, modules: int = 5, kinds: int = 5) -> str:
-    """A few lines for ``print(estimate)``: the peak and what holds it, in adaptive units."""
-    e = estimate
-    lines = [f"memguard estimate: peak {format_bytes(e.peak_bytes)} allocated ({e.peak_phase or 'no phase'}), "
-             f"{format_bytes(e.reserved_bytes)} reserved, {format_bytes(e.device_bytes)} on the device",
-             f"device {e.device}, precision {e.precision or '?'}, optimizer {e.optimizer or '?'}"
-             + (" (approximate)" if e.approximate else "")]
-    parts = [(_NAMES.get(c, c.value), e.breakdown.get(c, 0)) for c in _ORDER if e.breakdown.get(c, 0)]
-    if parts:
-        lines.append("breakdown: " + _parts(parts))
-    if e.bound_bytes > e.peak_bytes:
-        lines.append(f"routing bound: {format_bytes(e.bound_bytes)} allocated under the skewed routing "
-                     "(the peak above assumes balanced routing)")
-    if e.holders:
-        lines.append(holders_section(e, modules, kinds))
-    return "\n".join(lines)
-
-
 def _holders_json(est: Estimate) -> dict[str, Any]:
     """The holders at the peak as data (bytes): every holder, and the report's two roll-ups."""
     return {
@@ -331,8 +216,6 @@ def _holders_json(est: Estimate) -> dict[str, Any]:
 def render_check(result: CheckResult) -> str:
     """``memguard check``'s terminal report: what was checked, a comparison table when there are several
     GPUs, then each GPU's report. Nothing time-dependent is printed, so the same input gives the same text."""
-    from memguard.config import EXIT_MEANINGS
-
     spec = result.spec
     t = spec.training
     optimizer = result.targets[0].estimate.optimizer if result.targets else t.optimizer  # "adamw (foreach)"

@@ -11,17 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from memguard.config import (
-    COMMAND_LINE,
-    CheckResult,
-    ConfigError,
-    Options,
-    Target,
-    TargetResult,
-    load_config,
-    run_check,
-)
-from memguard.estimate import estimate
+from memguard.check import run_check
+from memguard.config import COMMAND_LINE, ConfigError, Options, load_config
+from memguard.results import CheckResult, Target, TargetResult
+from memguard.estimation import estimate
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

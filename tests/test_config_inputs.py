@@ -12,7 +12,8 @@ import pytest
 
 from memguard import hub
 from memguard.cli import main
-from memguard.config import ConfigError, Options, load_config, run_check
+from memguard.check import run_check
+from memguard.config import ConfigError, Options, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -27,7 +27,7 @@ from torch import nn
 
 from memguard import Category, InvalidArgumentError
 from memguard.device import device_model
-from memguard.distributed import (
+from memguard.estimation.distributed import (
     NCCL_DEVICE_BYTES,
     DDPOptions,
     DeepSpeedOptions,
@@ -349,7 +349,7 @@ def test_sharding_shrinks_and_hybrid_shards_within_a_node() -> None:
 
 
 def test_many_layouts_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import memguard.distributed as md
+    import memguard.estimation.distributed as md
 
     monkeypatch.setattr(md, "MAX_TRACED_RANKS", 2)
     model, batch = _small()
@@ -413,7 +413,7 @@ import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs as z2
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs as z3, model_to_params
-from memguard.distributed import largest_layer_params, zero_model_states
+from memguard.estimation.distributed import largest_layer_params, zero_model_states
 from zoo import Decoder
 for total, largest in {SIZES!r}:
     for per_node, nodes in ((1, 1), (8, 1), (8, 4)):

@@ -13,7 +13,7 @@ from torch import nn
 import memguard
 from memguard import report
 from memguard.categories import ALLOCATED_CATEGORIES, Category
-from memguard.estimate import Estimate
+from memguard.results import Estimate
 from memguard.trace import SAVED, StepProgram, TraceCache, trace_training
 
 

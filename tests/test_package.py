@@ -9,8 +9,8 @@ import sys
 
 def test_public_functions_survive_importing_their_modules() -> None:
     code = ("import importlib, memguard\n"
-            "for name in ('preflight', 'estimate'):\n"
-            "    importlib.import_module('memguard.' + name)\n"
+            "for module, name in (('preflight', 'preflight'), ('estimation', 'estimate')):\n"
+            "    importlib.import_module('memguard.' + module)\n"
             "    assert callable(getattr(memguard, name)), name\n"
             "import memguard.preflight\n"
             "assert callable(memguard.preflight)\n")

@@ -18,7 +18,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
     raise ImportError("memguard.integrations.hf needs transformers: pip install 'memguard[transformers]'") from exc
 
 from memguard import advice, checkpointing
-from memguard.guard import Decision, OutOfMemoryPredicted, check_policy, explain, parse_bytes
+from memguard.guard import Decision, OutOfMemoryPredicted, check_policy, explain
+from memguard.units import parse_bytes
 from memguard.plan import DEFAULT_MARGIN, Change
 from memguard.quiet import quiet
 

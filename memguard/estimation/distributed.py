@@ -49,8 +49,11 @@ from memguard import checkpointing
 from memguard.categories import Category
 from memguard.device import DeviceModel, device_model
 from memguard.errors import InvalidArgumentError, TraceError, unknown_name
-from memguard.estimate import Estimate
+from memguard.estimation.request import EstimateRequest
+from memguard.estimation.single import estimate_one
 from memguard.precision import Precision
+from memguard.quiet import quiet
+from memguard.results import Estimate
 from memguard.trace import (
     StepProgram,
     Trace,
@@ -1146,12 +1149,10 @@ def optimizer_cost(make_optimizer: Callable | None, numel: int) -> tuple[float, 
 # The entry point
 
 
-def _one_rank(model: nn.Module, batch: Any, tracer: Callable[..., Trace], kwargs: dict) -> Estimate:
-    """estimate() with ``tracer`` tracing the step: the user's arguments become the optimizer factory, step
+def _one_rank(model: nn.Module, batch: Any, tracer: Callable[..., Trace], req: EstimateRequest) -> Estimate:
+    """One rank's estimate with ``tracer`` tracing the step: the request becomes the optimizer factory, step
     program, model preparation and device model exactly as for one process; only the tracing differs."""
-    from memguard.estimate import estimate
-
-    return estimate(model, batch, _tracer=tracer, **kwargs)
+    return estimate_one(model, batch, req, tracer)
 
 
 def _first_step_gradient_bytes(trace: Trace) -> int:
@@ -1165,7 +1166,7 @@ def _first_step_gradient_bytes(trace: Trace) -> int:
     return sum(trace.sizes[aid] for aid in made if trace.categories[aid] == Category.GRADIENTS)
 
 
-def _ddp(model: nn.Module, batch: Any, spec: Strategy, world_size: int, kwargs: dict) -> tuple[Estimate, list[str]]:
+def _ddp(model: nn.Module, batch: Any, spec: Strategy, world_size: int, req: EstimateRequest) -> tuple[Estimate, list[str]]:
     opts: DDPOptions = spec.options
     seen: dict[str, int] = {}
 
@@ -1176,7 +1177,7 @@ def _ddp(model: nn.Module, batch: Any, spec: Strategy, world_size: int, kwargs: 
         buffers = sum(b.numel() * b.element_size() for b in model_.buffers()) if world_size > 1 else 0
         return ddp_trace(trace, seen["buckets"], opts, buffers)
 
-    est = _one_rank(model, batch, tracer, kwargs)
+    est = _one_rank(model, batch, tracer, req)
     est.per_rank = [est.peak_bytes] * world_size
     view = ("gradients are views into the buckets" if opts.gradient_as_bucket_view
             else "on top of the gradients (gradient_as_bucket_view=False)")
@@ -1214,7 +1215,7 @@ def _sharded_tracer(spec: Strategy, precision: Precision, world: int, rank: int,
     return tracer
 
 
-def _sharded(model: nn.Module, batch: Any, spec: Strategy, world_size: int, num_nodes: int, kwargs: dict,
+def _sharded(model: nn.Module, batch: Any, spec: Strategy, world_size: int, num_nodes: int, req: EstimateRequest,
              precision: Precision) -> tuple[Estimate, list[str]]:
     if not torch.distributed.is_available():
         raise InvalidArgumentError(
@@ -1224,7 +1225,7 @@ def _sharded(model: nn.Module, batch: Any, spec: Strategy, world_size: int, num_
     hybrid = spec.kind is Kind.FSDP and "HYBRID" in opts.sharding_strategy
     group = world_size // num_nodes if hybrid else world_size
     layout: dict = {}
-    first = _one_rank(model, batch, _sharded_tracer(spec, precision, group, 0, layout), kwargs)
+    first = _one_rank(model, batch, _sharded_tracer(spec, precision, group, 0, layout), req)
     if spec.kind is Kind.FSDP:
         keys = [fsdp1_rank_layout(layout.get("flat", []), r, group, opts.use_orig_params) for r in range(group)]
     else:
@@ -1233,7 +1234,7 @@ def _sharded(model: nn.Module, batch: Any, spec: Strategy, world_size: int, num_
     traced = {keys[0]: first}
     for key in chosen:
         if key not in traced:
-            traced[key] = _one_rank(model, batch, _sharded_tracer(spec, precision, group, groups[key][0], None), kwargs)
+            traced[key] = _one_rank(model, batch, _sharded_tracer(spec, precision, group, groups[key][0], None), req)
     bound = max(e.peak_bytes for e in traced.values())
     per_rank = [traced[keys[g % group]].peak_bytes if keys[g % group] in traced else bound for g in range(world_size)]
     worst = max(traced.values(), key=lambda e: e.peak_bytes)
@@ -1250,7 +1251,7 @@ def _sharded(model: nn.Module, batch: Any, spec: Strategy, world_size: int, num_
         worst.approximate = True
     if opts.cpu_offload:
         notes.append("CPU offload: sharded parameters, gradients, optimizer state and step in host memory"
-                     if kwargs["device"].host_is_device is False else
+                     if req.device.host_is_device is False else
                      "CPU offload has no effect on a CPU target: host memory is the target's memory")
     if spec.kind is Kind.FSDP and opts.auto_wrap_policy is None:
         notes.append("no auto_wrap_policy: FSDP wraps only the root, so the whole model is gathered at once; "
@@ -1258,7 +1259,7 @@ def _sharded(model: nn.Module, batch: Any, spec: Strategy, world_size: int, num_
     return worst, notes
 
 
-def _deepspeed(model: nn.Module, batch: Any, spec: Strategy, world_size: int, kwargs: dict,
+def _deepspeed(model: nn.Module, batch: Any, spec: Strategy, world_size: int, req: EstimateRequest,
                precision: Precision) -> tuple[Estimate, list[str]]:
     opts: DeepSpeedOptions = spec.options
     half = _HALF_DTYPES.get(precision)
@@ -1280,7 +1281,7 @@ def _deepspeed(model: nn.Module, batch: Any, spec: Strategy, world_size: int, kw
         return deepspeed_trace(act, model_, opts, world_size=world_size, param_bytes=param_bytes,
                                state_bytes_per_param=per_elem, step_scratch=0 if opts.offload_optimizer else scratch)
 
-    est = _one_rank(model, batch, tracer, kwargs)
+    est = _one_rank(model, batch, tracer, req)
     est.per_rank = [est.peak_bytes] * world_size
     states = zero_model_states(seen.get("total", 0), largest_layer_params(model), stage=opts.stage,
                                world_size=world_size, param_bytes=param_bytes,
@@ -1300,6 +1301,7 @@ def _deepspeed(model: nn.Module, batch: Any, spec: Strategy, world_size: int, kw
     return est, notes
 
 
+@quiet()
 def estimate_distributed(
     model: nn.Module,
     batch: Any,
@@ -1321,38 +1323,41 @@ def estimate_distributed(
     is the unwrapped one; it is never wrapped, moved or modified, and nothing is distributed: FSDP runs on
     a copy against a fake process group inside this process. Other keywords are :func:`memguard.estimate`'s.
 
-    Returns an :class:`~memguard.estimate.Estimate` whose ``peak_bytes`` (and breakdown, timeline, phases)
+    Returns an :class:`~memguard.results.Estimate` whose ``peak_bytes`` (and breakdown, timeline, phases)
     are those of the rank with the largest peak and ``per_rank`` lists every rank's; ``notes`` say what
     was traced and what modelled. On a CUDA target ``device_bytes`` includes NCCL's own buffers
     (:data:`NCCL_DEVICE_BYTES`).
     """
+    return estimate_ranks(model, batch, EstimateRequest(strategy=strategy, world_size=world_size,
+                                                        num_nodes=num_nodes, **estimate_kwargs))
+
+
+def estimate_ranks(model: nn.Module, batch: Any, req: EstimateRequest) -> Estimate:
+    """:func:`estimate_distributed` for a request (``req.strategy``, ``req.world_size``, ``req.num_nodes``)."""
+    strategy, world_size, num_nodes = req.strategy, req.world_size, req.num_nodes
     started = time.perf_counter()
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise InvalidArgumentError(f"world_size must be a positive int, got {world_size!r}")
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1 or world_size % num_nodes:
         raise InvalidArgumentError(
             f"num_nodes must be a positive int dividing world_size={world_size}, got {num_nodes!r}")
-    for key in ("strategy", "world_size"):
-        estimate_kwargs.pop(key, None)
+    req = dataclasses.replace(req, trace_cache=None)  # each rank traces its own step
     if isinstance(strategy, str) and strategy.strip().lower() in _SINGLE_NAMES:
         if world_size == 1:  # one process: the plain estimate
-            from memguard.estimate import estimate
-
-            return estimate(model, batch, **estimate_kwargs)
+            return estimate_one(model, batch, dataclasses.replace(req, strategy=None))
         if strategy.strip().lower() == "single_device":
             raise InvalidArgumentError(f"strategy 'single_device' runs one process; got world_size={world_size}")
         strategy = "ddp"  # Lightning's "auto" picks DDP for several devices
     spec = parse_strategy(strategy)
-    kwargs = dict(estimate_kwargs)
-    dev = device_model(kwargs.pop("device", "cuda"), kwargs.pop("gpu", None))
-    kwargs["device"] = dev  # one instance for every rank: kernel measurements are shared
-    precision = Precision.parse(kwargs.get("precision", "32-true"))
+    dev = device_model(req.device, req.gpu)
+    req = dataclasses.replace(req, device=dev, gpu=None)  # one instance for every rank: kernel measurements are shared
+    precision = Precision.parse(req.precision)
     if spec.kind is Kind.DDP:
-        result, notes = _ddp(model, batch, spec, world_size, kwargs)
+        result, notes = _ddp(model, batch, spec, world_size, req)
     elif spec.kind is Kind.DEEPSPEED:
-        result, notes = _deepspeed(model, batch, spec, world_size, kwargs, precision)
+        result, notes = _deepspeed(model, batch, spec, world_size, req, precision)
     else:
-        result, notes = _sharded(model, batch, spec, world_size, num_nodes, kwargs, precision)
+        result, notes = _sharded(model, batch, spec, world_size, num_nodes, req, precision)
     if not dev.host_is_device and world_size > 1:
         result.device_bytes += NCCL_DEVICE_BYTES
         result.breakdown[Category.CONTEXT] = result.breakdown.get(Category.CONTEXT, 0) + NCCL_DEVICE_BYTES
@@ -1373,6 +1378,7 @@ __all__ = [
     "Strategy",
     "ZeroModelStates",
     "estimate_distributed",
+    "estimate_ranks",
     "fake_world",
     "largest_layer_params",
     "parse_strategy",
