@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 
 import torch
 from torch.autograd.profiler import profile as autograd_profile
@@ -95,30 +96,57 @@ def measure_peak(
     prepare=None,
     accumulate: int = 1,
 ) -> int:
-    """Real CPU peak of live tensor bytes of ``steps`` training steps, run on a copy of ``model``."""
-    model = copy.deepcopy(model)
+    """Real CPU peak of live tensor bytes of ``steps`` training steps, run on a copy of ``model``.
+
+    The copy that trains, and its optimizer, are made inside the profiled window, so every block alive in
+    the steps (the optimizer constructor's own buffers included) is one the profiler saw allocated, and a
+    block freed there (a module that converts its own parameters in forward frees them) is subtracted."""
+    staged = copy.deepcopy(model)
     if param_dtype is not None:
-        model = model.to(param_dtype)
+        staged = staged.to(param_dtype)
         batch = tree_map_float(batch, param_dtype)
-    model.train()
-    if prepare is not None:
-        prepare(model)
+    staged.train()
     if loss_fn is None:
         from memguard.trace import default_loss_fn as loss_fn  # the call convention only, not the tracer
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params) if make_optimizer is not None and params else None
-    base = _storage_bytes(list(model.parameters()) + list(model.buffers()) + tree_flatten(batch)[0])
+    base = _storage_bytes(tree_flatten(batch)[0])
     torch.manual_seed(0)
+    gc.collect()
     with autograd_profile(profile_memory=True, use_cpu=True) as prof:
+        model = copy.deepcopy(staged)
+        if prepare is not None:  # on the copy that trains: a preparation may hold references to its module
+            prepare(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(params) if make_optimizer is not None and params else None
         run_real_steps(model, batch, loss_fn, opt, steps=steps, accumulate=accumulate, autocast_dtype=autocast_dtype,
                        zero_grad_before_backward=zero_grad_before_backward)
-    events = _allocation_totals(prof)
-    if not events:
-        return base
-    first_size, first_total = events[0]
-    start = first_total - first_size
-    peak = max(total for _, total in events)
-    return base + max(0, peak - start)
+    del staged
+    return base + live_peak(allocation_events(prof))
+
+
+def live_peak(events: list) -> int:
+    """The peak of bytes allocated inside the window and still alive, from each event's address: a free
+    of a block allocated before the window (earlier work's garbage) does not count, where the allocator's
+    own running total would drop. Events with the same timestamp are applied allocations first for an
+    address that is not live yet (an allocation and its free within one clock tick)."""
+    live: dict[int, int] = {}
+    current = peak = 0
+    i = 0
+    while i < len(events):
+        stamp, pending = events[i].start_time_ns, []
+        while i < len(events) and events[i].start_time_ns == stamp:
+            fields = events[i].extra_fields
+            i += 1
+            if fields.alloc_size > 0:
+                live[fields.ptr] = fields.alloc_size
+                current += fields.alloc_size
+                peak = max(peak, current)
+            elif fields.ptr in live:
+                current -= live.pop(fields.ptr)
+            else:
+                pending.append(fields.ptr)
+        for ptr in pending:
+            current -= live.pop(ptr, 0)
+    return peak
 
 
 def tree_map_float(batch, dtype):
