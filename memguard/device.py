@@ -152,11 +152,39 @@ _ALWAYS_PROBED = {
 _HALF = (torch.bfloat16, torch.float16)
 
 
+_MATMULS = frozenset(getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "addbmm"))
+"""The operators that run through cuBLAS (compared by identity: this check runs on every traced op)."""
+
+
+_OPERANDS = {"addmm": (1, 2), "baddbmm": (1, 2), "addbmm": (1, 2)}
+"""Which arguments are the multiplied matrices (the rest: mm, bmm, _scaled_mm take them first)."""
+
+
+def _gemm_ready(x: torch.Tensor) -> bool:
+    """Whether BLAS reads this matrix (its last two dimensions) as it is: row-major (strides (ld, 1)) or
+    column-major ((1, ld)) with the leading dimension at least the row length. Anything else, a gradient
+    broadcast from a scalar (strides 0) above all, is cloned contiguous first (addmm_impl_cpu_ on the CPU,
+    prepare_matrix_for_cublas on CUDA)."""
+    rows, cols = x.shape[-2], x.shape[-1]
+    stride_r, stride_c = x.stride(-2), x.stride(-1)
+    return (stride_c == 1 and stride_r >= max(1, cols)) or (stride_r == 1 and stride_c >= max(1, rows))
+
+
+def gemm_copy_bytes(func: Any, args: tuple) -> int:
+    """Bytes a matrix product copies because BLAS cannot read an operand as it is (see _gemm_ready)."""
+    if func not in _MATMULS:
+        return 0
+    first, second = _OPERANDS.get(func.overloadpacket.__name__, (0, 1))
+    operands = [args[i] for i in (first, second) if i < len(args) and isinstance(args[i], torch.Tensor)]
+    return sum(x.numel() * x.element_size() for x in operands if x.dim() >= 2 and not _gemm_ready(x))
+
+
 def _may_hide_memory(func: Any, args: tuple, kwargs: dict, outputs: list) -> bool:
     """Kernels that may allocate scratch the dispatcher cannot see: oneDNN ones, and any kernel that
     computes in half precision (it converts to float32 internally). Views and in-place ops never do."""
     name = str(func)
-    if name in _ALWAYS_PROBED:
+    if name in _ALWAYS_PROBED or gemm_copy_bytes(func, args):
         return True
     if getattr(func, "is_view", False) or name.endswith("_.Tensor") or name.endswith("_.Scalar"):
         return False
@@ -611,11 +639,6 @@ def _swaps() -> list[tuple[Any, str, Callable[[Callable], Callable]]]:
     return [(F, "dropout", _make_dropout), (F, "scaled_dot_product_attention", _make_sdpa)] + _autocast_swaps()
 
 
-_MATMULS = frozenset(getattr(torch.ops.aten, name).default for name in (
-    "mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "addbmm"))
-"""The operators that run through cuBLAS (compared by identity: this check runs on every traced op)."""
-
-
 def cublas_workspace_bytes(compute_capability: tuple[int, int]) -> int:
     """torch's default cuBLAS workspace per (handle, stream): CUBLAS_WORKSPACE_CONFIG ":4096:2:16:8"
     (2 x 4 MiB + 8 x 16 KiB) before Hopper, 32 MiB from Hopper on (NVIDIA's recommendation for sm90)."""
@@ -678,11 +701,12 @@ class CUDADevice(DeviceModel):
     def op_memory(self, func: Any, args: tuple, kwargs: dict, outputs: list) -> OpMemory:
         if func not in _MATMULS:
             return NO_EXTRA
+        copies = gemm_copy_bytes(func, args)  # freed when the kernel returns
         thread = "backward" if torch._C._current_autograd_node() is not None else "forward"
         if thread in self._workspaces:
-            return NO_EXTRA
+            return OpMemory(transient=copies) if copies else NO_EXTRA
         self._workspaces.add(thread)
-        return OpMemory(persistent=cublas_workspace_bytes(self.compute_capability))
+        return OpMemory(transient=copies, persistent=cublas_workspace_bytes(self.compute_capability))
 
 
 def device_model(device: str | torch.device | DeviceModel, gpu: str | CatalogGPU | None = None) -> DeviceModel:

@@ -311,3 +311,31 @@ def test_trainable_mask_takes_the_memory_efficient_kernel() -> None:
     full_gradient = 2 * 4 * 36 * 48 * 4
     assert padded in trace.sizes
     assert full_gradient in trace.sizes
+
+
+def test_gemm_copies_an_operand_blas_cannot_read() -> None:
+    """A gradient broadcast from a scalar (the sum of a Linear's output) has strides (0, 0): the matrix
+    product clones it first. Row- and column-major operands are read as they are."""
+    from memguard.device import gemm_copy_bytes
+
+    mm, addmm = torch.ops.aten.mm.default, torch.ops.aten.addmm.default
+    a, b = torch.ones(64, 32), torch.ones(32, 16)
+    assert gemm_copy_bytes(mm, (a, b)) == 0
+    assert gemm_copy_bytes(mm, (b.t(), a.t())) == 0  # column-major views
+    broadcast = torch.ones(()).expand(64, 32)
+    assert gemm_copy_bytes(mm, (broadcast, b)) == 64 * 32 * 4
+    assert gemm_copy_bytes(addmm, (torch.ones(16), broadcast, b)) == 64 * 32 * 4  # the bias is not a matrix
+    assert gemm_copy_bytes(torch.ops.aten.add.Tensor, (broadcast, broadcast)) == 0
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_sum_of_a_linear_output_against_the_real_peak(optimizer: str) -> None:
+    """The default loss sums the model's output: backward multiplies the broadcast gradient, which the CPU
+    kernel copies contiguous (on SGD that copy sits at the peak)."""
+    from groundtruth import REAL_OPTIMIZERS, measure_peak
+
+    torch.manual_seed(0)
+    model, batch = nn.Linear(256, 256), torch.randn(64, 256)
+    real = measure_peak(model, batch, REAL_OPTIMIZERS[optimizer])
+    est = memguard.estimate(model, batch, optimizer=optimizer, device="cpu").peak_bytes
+    assert abs(est - real) / real <= 0.02, f"predicted {est:,} vs measured {real:,}"
