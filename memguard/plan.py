@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
+from memguard import strategies
 from memguard.advice import how_to
 from memguard.errors import InvalidArgumentError, unknown_name
 from memguard.estimation import estimate
@@ -256,17 +257,14 @@ def _candidates(
     return out
 
 
-_REPLICATING = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true",
-                "ddp_find_unused_parameters_false", "ddp_spawn_find_unused_parameters_true",
-                "ddp_spawn_find_unused_parameters_false", "dp")
-"""Strategies that keep a full copy of the weights, gradients and optimizer state on every GPU."""
-
 _SHARDING = {
     "deepspeed_stage_2": (3.0, "DeepSpeed ZeRO-2 shards gradients and optimizer state over the GPUs; "
                                "reduce-scatter and a weight all-gather per step instead of DDP's all-reduce"),
     "fsdp": (4.0, "FSDP full sharding also shards the weights and all-gathers each layer in forward and "
                   "backward: about 1.5x DDP's communication"),
 }
+"""What the sharding knob may switch a replicated run (:func:`memguard.strategies.is_replicated`) to, with
+cost and why: names of :data:`memguard.strategies.TABLE` (tests/test_strategies.py checks they are sharded)."""
 
 
 def _levels(knob: str, base: TrainingConfig, bf16: bool, bf16_true: bool, optimizers: set[str],
@@ -309,7 +307,7 @@ def _levels(knob: str, base: TrainingConfig, bf16: bool, bf16_true: bool, optimi
                         "recomputes the forward in backward: about a third more compute"))]
     if knob == "sharding":
         current = base.strategy or strategy or "auto"
-        if world_size <= 1 or current not in _REPLICATING:
+        if world_size <= 1 or not strategies.is_replicated(current):
             return []
         return [({"strategy": name}, Change("sharding", current, name, how_to("sharding", name), cost, why))
                 for name, (cost, why) in _SHARDING.items()]

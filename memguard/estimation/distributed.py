@@ -38,22 +38,22 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-from memguard import checkpointing
+from memguard import checkpointing, strategies
 from memguard.categories import Category
 from memguard.device import DeviceModel, device_model
-from memguard.errors import InvalidArgumentError, TraceError, unknown_name
+from memguard.errors import InvalidArgumentError, TraceError
 from memguard.estimation.request import EstimateRequest
 from memguard.estimation.single import estimate_one
 from memguard.precision import Precision
 from memguard.quiet import quiet
 from memguard.results import Estimate
+from memguard.strategies import Kind
 from memguard.trace import (
     StepProgram,
     Trace,
@@ -106,20 +106,6 @@ MAX_TRACED_RANKS = 8
 
 # ---------------------------------------------------------------------------------------------------------
 # What the user asked for, as one value
-
-
-class Kind(str, Enum):
-    DDP = "ddp"
-    """DistributedDataParallel: full replica, gradients all-reduced in buckets."""
-    FSDP = "fsdp"
-    """FullyShardedDataParallel (FSDP1): flat parameters per wrapped unit, sharded across ranks."""
-    FSDP2 = "fsdp2"
-    """``torch.distributed.fsdp.fully_shard`` (FSDP2): per-parameter dim-0 shards as DTensors."""
-    DEEPSPEED = "deepspeed"
-    """DeepSpeed ZeRO stage 1, 2 or 3, optionally offloading optimizer and parameters."""
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -193,24 +179,8 @@ class Strategy:
     options: Any = None
 
 
-# Lightning's registered names (pytorch_lightning.strategies.StrategyRegistry) plus "fsdp2".
-_DDP_NAMES = {
-    "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook",
-    "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true",
-    "ddp_spawn_find_unused_parameters_false", "ddp_spawn_find_unused_parameters_true",
-    "ddp_fork_find_unused_parameters_false", "ddp_fork_find_unused_parameters_true",
-    "ddp_notebook_find_unused_parameters_false", "ddp_notebook_find_unused_parameters_true",
-}
-_DEEPSPEED_NAMES = {
-    "deepspeed": DeepSpeedOptions(),
-    "deepspeed_stage_1": DeepSpeedOptions(stage=1),
-    "deepspeed_stage_2": DeepSpeedOptions(stage=2),
-    "deepspeed_stage_2_offload": DeepSpeedOptions(stage=2, offload_optimizer=True),
-    "deepspeed_stage_3": DeepSpeedOptions(stage=3),
-    "deepspeed_stage_3_offload": DeepSpeedOptions(stage=3, offload_optimizer=True, offload_parameters=True),
-}
-_SINGLE_NAMES = {"auto", "single_device"}
-STRATEGY_NAMES = sorted(_DDP_NAMES | set(_DEEPSPEED_NAMES) | _SINGLE_NAMES | {"fsdp", "fsdp_cpu_offload", "fsdp2"})
+STRATEGY_NAMES = strategies.names()
+"""Every strategy name :func:`parse_strategy` and :func:`estimate_distributed` accept (memguard.strategies)."""
 
 
 def parse_strategy(strategy: str | Strategy | Any) -> Strategy:
@@ -219,21 +189,18 @@ def parse_strategy(strategy: str | Strategy | Any) -> Strategy:
     if isinstance(strategy, Strategy):
         return strategy
     if isinstance(strategy, str):
-        name = strategy.strip().lower()
-        if name in _DDP_NAMES:
-            return Strategy(Kind.DDP, name, DDPOptions(find_unused_parameters=name.endswith("_true")))
-        if name == "fsdp":
-            return Strategy(Kind.FSDP, name, FSDPOptions())
-        if name == "fsdp_cpu_offload":
-            return Strategy(Kind.FSDP, name, FSDPOptions(cpu_offload=True))
-        if name == "fsdp2":
-            return Strategy(Kind.FSDP2, name, FSDP2Options())
-        if name in _DEEPSPEED_NAMES:
-            return Strategy(Kind.DEEPSPEED, name, _DEEPSPEED_NAMES[name])
-        if name in _SINGLE_NAMES:
-            raise InvalidArgumentError(f"strategy {name!r} is not a data-parallel strategy; estimate_distributed() "
-                                       "handles it itself (one process for one rank)")
-        raise unknown_name("strategy", strategy, STRATEGY_NAMES)
+        row = strategies.lookup(strategy)
+        if row.kind is Kind.DDP:
+            return Strategy(Kind.DDP, row.name, DDPOptions(find_unused_parameters=row.find_unused_parameters))
+        if row.kind is Kind.FSDP:
+            return Strategy(Kind.FSDP, row.name, FSDPOptions(cpu_offload=row.cpu_offload))
+        if row.kind is Kind.FSDP2:
+            return Strategy(Kind.FSDP2, row.name, FSDP2Options())
+        if row.kind is Kind.DEEPSPEED:
+            return Strategy(Kind.DEEPSPEED, row.name, DeepSpeedOptions(
+                stage=row.stage, offload_optimizer=row.offload_optimizer, offload_parameters=row.offload_parameters))
+        raise InvalidArgumentError(f"strategy {row.name!r} is not a data-parallel strategy; estimate_distributed() "
+                                   "handles it itself (one process for one rank)")
     cls = type(strategy).__name__
     if cls == "DDPStrategy":
         return _from_ddp_strategy(strategy)
@@ -1342,12 +1309,13 @@ def estimate_ranks(model: nn.Module, batch: Any, req: EstimateRequest) -> Estima
         raise InvalidArgumentError(
             f"num_nodes must be a positive int dividing world_size={world_size}, got {num_nodes!r}")
     req = dataclasses.replace(req, trace_cache=None)  # each rank traces its own step
-    if isinstance(strategy, str) and strategy.strip().lower() in _SINGLE_NAMES:
+    row = strategies.find(strategy) if isinstance(strategy, str) else None
+    if row is not None and row.kind is None:
         if world_size == 1:  # one process: the plain estimate
             return estimate_one(model, batch, dataclasses.replace(req, strategy=None))
-        if strategy.strip().lower() == "single_device":
-            raise InvalidArgumentError(f"strategy 'single_device' runs one process; got world_size={world_size}")
-        strategy = "ddp"  # Lightning's "auto" picks DDP for several devices
+        if row.several is None:
+            raise InvalidArgumentError(f"strategy {row.name!r} runs one process; got world_size={world_size}")
+        strategy = row.several  # Lightning's "auto" picks DDP for several devices
     spec = parse_strategy(strategy)
     dev = device_model(req.device, req.gpu)
     req = dataclasses.replace(req, device=dev, gpu=None)  # one instance for every rank: kernel measurements are shared
