@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from memguard import gpus as local_gpus
-from memguard.config import CheckSpec
+from memguard.spec.check_spec import CheckSpec
 from memguard.errors import MemguardError
 from memguard.gpu_catalog import lookup, match_device
 from memguard.plan import TrainingConfig, estimator, plan, required_bytes

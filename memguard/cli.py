@@ -288,7 +288,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     with _quiet_libraries(args.debug):
         with _startup():
             from memguard.check import run_check
-            from memguard.config import Options, load_config
+            from memguard.spec.check_spec import Options
+            from memguard.spec.config import load_config
 
             options = Options(gpus=tuple(args.gpu), devices=args.devices, num_nodes=args.num_nodes,
                               allow=args.allow, margin=args.margin, fallback=False if args.no_fallback else None,

@@ -16,7 +16,7 @@ from memguard.text import render_estimate
 from memguard.units import format_bytes
 
 if TYPE_CHECKING:
-    from memguard.config import CheckSpec
+    from memguard.spec.check_spec import CheckSpec
     from memguard.gpu_catalog import CatalogGPU
     from memguard.plan import Plan
 

@@ -1,4 +1,4 @@
-"""memguard/config.py: the config schema, interpolation, --set, every kind of error (all reported at once),
+"""memguard/spec/ (memguard check's config): the config schema, interpolation, --set, every kind of error (all reported at once),
 LightningCLI and config.json inputs, and the check's exit-code rules."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from memguard.check import run_check
-from memguard.config import COMMAND_LINE, ConfigError, Options, load_config
+from memguard.spec.check_spec import Options
+from memguard.spec.config import load_config
+from memguard.spec.problems import COMMAND_LINE, ConfigError
 from memguard.results import CheckResult, Target, TargetResult
 from memguard.estimation import estimate
 
@@ -153,6 +155,13 @@ def test_example_batch_tensors(tmp_path: Path) -> None:
     ("model: {preset: gpt2}\ntrainer: {accumulate_grad_batches: 0}\n", r"trainer.accumulate_grad_batches: must be"),
     ("model: {preset: gpt2}\ntrainer: {strategy: fdsp}\n",
      r"trainer.strategy: unknown strategy 'fdsp'. Did you mean 'fsdp'"),
+    # names Lightning knows whose memory memguard cannot predict: refused here, never inside the check
+    ("model: {preset: gpt2}\ntrainer: {strategy: dp}\n", r"trainer.strategy: unknown strategy 'dp'"),
+    ("model: {preset: gpt2}\ntrainer: {strategy: model_parallel}\n", r"trainer.strategy: unknown strategy 'model_parallel'"),
+    ("model: {preset: gpt2}\ntrainer: {strategy: deepspeed_stage_3_offload_nvme}\n",
+     r"trainer.strategy: unknown strategy 'deepspeed_stage_3_offload_nvme'. Did you mean 'deepspeed_stage_3_offload'"),
+    ("model: {preset: gpt2}\ntrainer: {strategy: {class_path: lightning.pytorch.strategies.ModelParallelStrategy}}\n",
+     r"trainer.strategy.class_path: memguard does not know the strategy class 'ModelParallelStrategy'"),
     ("model: {preset: gpt2}\ntrainer: {gradient_checkpointing: maybe}\n", r"must be true or false, got 'maybe'"),
     ("model: {preset: gpt2}\nquantization: nf5\n", r"quantization: unknown quantization 'nf5'. Did you mean 'nf4'"),
     ("model: {preset: gpt2}\nlora: {r: 0}\n", r"lora.r: must be a positive integer, got 0"),
@@ -175,6 +184,19 @@ def test_example_batch_tensors(tmp_path: Path) -> None:
 def test_each_problem_names_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         load_config(write(tmp_path, text))
+
+
+def test_every_strategy_validation_accepts_is_one_the_estimate_runs(tmp_path: Path) -> None:
+    """Validation and estimation read one table: a name the config accepts reaches a per-rank prediction
+    (or the one-process estimate), never an error inside the check."""
+    from memguard import strategies
+    from memguard.estimation.distributed import parse_strategy
+
+    for name in strategies.names():
+        spec = load_config(write(tmp_path, f"model: {{preset: gpt2}}\ntrainer: {{strategy: {name}, devices: 2}}\n"))
+        assert spec.strategy == name
+        if not strategies.is_single_process(name):
+            assert parse_strategy(name) is not None
 
 
 def test_missing_file() -> None:

@@ -13,7 +13,9 @@ import pytest
 from memguard import hub
 from memguard.cli import main
 from memguard.check import run_check
-from memguard.config import ConfigError, Options, load_config
+from memguard.spec.check_spec import Options
+from memguard.spec.config import load_config
+from memguard.spec.problems import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -1,5 +1,5 @@
 """The README's config reference lists every key the loader accepts, and nothing it does not: the key tables
-of memguard/config.py are the source, so a new key without documentation fails here."""
+of memguard/spec/schema.py are the source, so a new key without documentation fails here."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from memguard import config
+from memguard.spec import schema as config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -49,4 +49,4 @@ def test_the_reference_lists_no_key_the_loader_does_not_accept() -> None:
         if line.startswith("| `"):
             first_cell = line.split("|")[1]
             for key in re.findall(r"`([^`]+)`", first_cell):
-                assert key in known, f"README.md documents {key!r}, which memguard/config.py does not accept"
+                assert key in known, f"README.md documents {key!r}, which memguard/spec/schema.py does not accept"

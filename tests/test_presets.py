@@ -15,7 +15,7 @@ import torch
 
 from memguard import checkpointing, presets
 from memguard.cli import main
-from memguard.config import load_config
+from memguard.spec.config import load_config
 from memguard.errors import InvalidArgumentError
 
 # Parameter counts published for these models, written out independently of memguard/presets.py so that a
