@@ -36,9 +36,8 @@ from memguard.guard import (
     explain,
     optimizer_factory,
     optimizers_available,
-    repoint_scheduler,
 )
-from memguard.optimizers import CATALOG, first_optimizer
+from memguard.optimizers import CATALOG, first_optimizer, repoint_scheduler, swap_plan
 from memguard.plan import DEFAULT_MARGIN, KNOBS, TrainingConfig, batch_size_of, estimator
 from memguard.precision import Precision
 from memguard.quiet import quiet
@@ -384,8 +383,6 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         self.applied = target
 
     def _swap_optimizers(self, trainer: Any, name: str) -> None:
-        from memguard.optimizers import swap_plan
-
         swap = swap_plan(name)
         cls = swap.cls
         strategy = trainer.strategy

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import wraps
 from typing import Any
-from weakref import ref
 
 import torch
 
@@ -235,7 +233,7 @@ def explain(decision: Decision) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Optimizers of a live run: read them for the estimate, rebuild them for a plan
+# Optimizers of a live run, read for the estimate (rebuilding them for a plan: memguard.optimizers.swapping)
 
 
 def optimizer_factory(optimizer: torch.optim.Optimizer, model: torch.nn.Module, device_type: str) -> tuple[Any, str]:
@@ -294,22 +292,3 @@ def optimizers_available() -> tuple[str, ...]:
             continue
         found.append(name)
     return tuple(found)
-
-
-def repoint_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
-    """Point an LR scheduler at a new optimizer and re-install its step-counting wrapper (the one
-    LRScheduler.__init__ puts on ``optimizer.step`` to detect calls in the wrong order)."""
-    scheduler.optimizer = optimizer
-    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
-        return
-    opt_ref = ref(optimizer)
-    func = optimizer.step.__func__
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        opt = opt_ref()
-        opt._opt_called = True  # type: ignore[union-attr]
-        return func.__get__(opt, opt.__class__)(*args, **kwargs)
-
-    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-    optimizer.step = wrapper  # type: ignore[method-assign]

@@ -420,6 +420,23 @@ def test_adafactor_keeps_its_own_pair_of_eps() -> None:
     new.step()
 
 
+def test_a_repointed_scheduler_drives_the_rebuilt_optimizer() -> None:
+    """The callback's swap: the scheduler moves to the new optimizer and sees its steps (no warning that the
+    scheduler stepped before the optimizer, and the learning rate it sets lands in the new groups)."""
+    params = [nn.Parameter(torch.randn(8, 8))]
+    old = torch.optim.AdamW(params, lr=1e-3, foreach=False)
+    scheduler = torch.optim.lr_scheduler.StepLR(old, step_size=1, gamma=0.5)
+    new = O.rebuild_optimizer(old, "adafactor")
+    O.repoint_scheduler(scheduler, new)
+    assert scheduler.optimizer is new and getattr(new.step, "_wrapped_by_lr_sched", False)
+    params[0].grad = torch.randn(8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new.step()
+        scheduler.step()
+    assert new.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
 def test_missing_library_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     for module in [m for m in sys.modules if m == "bitsandbytes" or m.startswith("bitsandbytes.")]:
         monkeypatch.delitem(sys.modules, module)
