@@ -1,7 +1,7 @@
 """One process's estimate: request -> trace (memguard.trace) -> device model (memguard.device) -> Estimate.
 
-Nothing here prints, touches a GPU or imports Lightning. Sharded runs (:mod:`memguard.estimation.ranks`)
-call :func:`estimate_one` once per distinct rank with their own tracer.
+Nothing here prints, touches a GPU or imports Lightning. Distributed runs
+(:mod:`memguard.estimation.distributed`) call :func:`estimate_one` once per distinct rank with their own tracer.
 """
 
 from __future__ import annotations
