@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from memguard import presets
 from memguard.optimizers import first_optimizer
@@ -22,6 +22,7 @@ from memguard.spec.check_spec import CheckSpec, LoraSpec, _cached
 from memguard.spec.problems import _Problems
 from memguard.spec.reading import _first_line, import_class
 from memguard.spec.schema import SCHEMA, _MAX_DEFAULT_SEQ_LEN, _MISSING
+from memguard.losses import forward_sum_loss, training_step_loss
 
 
 
@@ -241,7 +242,7 @@ class _Building:
 
         factory = _cached(self.guarded("model.class_path", build, what=f"building {path} on the meta device"))
         if given is not None:
-            loss_fn = _training_step_loss if lightning else None
+            loss_fn = _config_training_step_loss if lightning else None
             return cls.__name__, factory, given, loss_fn
         try:
             instance = factory()
@@ -253,7 +254,7 @@ class _Building:
                                                         "training batch here ({shape: [...], dtype: ...} tensors)")
             return cls.__name__, None, None, None
         batch = self.resized(example, data, cls.__name__)
-        return cls.__name__, factory, batch, _forward_loss
+        return cls.__name__, factory, batch, forward_sum_loss
 
     def resized(self, example: Any, data: dict[str, int | None], owner: str) -> Any:
         """``example_input_array`` on meta, its sizes replaced by the data hints: batch_size is every tensor's
@@ -368,28 +369,8 @@ def _is_lightning_module(cls: type) -> bool:
     return any(base.__name__ == "LightningModule" and base.__module__.split(".")[0] in packages for base in cls.__mro__)
 
 
-def _training_step_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """A LightningModule's own step on the example batch (logging is silenced: there is no Trainer)."""
-    for name in ("log", "log_dict", "print"):
-        if hasattr(model, name):
-            setattr(model, name, lambda *a, **k: None)
-    out = model.training_step(batch, 0)
-    if isinstance(out, Mapping):
-        out = out.get("loss")
-    if not isinstance(out, torch.Tensor):
-        raise InvalidArgumentError("training_step returned no loss tensor (manual optimization is not supported "
-                                   "by memguard check)")
-    return out
-
-
-def _forward_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """``forward(example_input_array)`` as Lightning calls it, summed into a scalar to backpropagate."""
-    out = model(*batch) if isinstance(batch, tuple) else model(batch)
-    leaves = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not leaves:
-        raise InvalidArgumentError(f"{type(model).__name__}.forward returned no floating-point tensor to "
-                                   "backpropagate; add memguard.example_batch to trace training_step")
-    return sum(t.float().sum() for t in leaves)
+def _config_training_step_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    return training_step_loss(model, batch, instead="memguard check cannot trace manual optimization")
 
 
 def _positions(hyperparameters: Mapping[str, Any]) -> int | None:
