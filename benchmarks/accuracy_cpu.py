@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         "transformers from memguard.presets' hyperparameters (gpt2 and vit-b-16 with 4 layers), random weights.",
     ]
     if memguard_notes:
-        from memguard.device import CPUDevice
+        from memguard.device.models import CPUDevice
 
         limit = CPUDevice().probe_limit / 2**20
         notes += ["", "memguard on the CPU probes hidden kernel scratch by running each kernel once; above its "

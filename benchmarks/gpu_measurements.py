@@ -651,7 +651,7 @@ def _strategy(mod: Any, sspec: dict[str, Any], model: torch.nn.Module) -> Any:
 
 
 def check_oom(entry: dict[str, Any]) -> dict[str, Any]:
-    from memguard.gpu_catalog import lookup
+    from memguard.device.catalog import lookup
 
     spec = entry["memguard"]
     gpu = lookup(spec["gpu"])
@@ -674,8 +674,8 @@ def check_calibration(entry: dict[str, Any], data: dict[str, Any]) -> dict[str, 
     spec = entry["memguard"]
     if "model" not in spec:
         return None
-    from memguard.allocator import simulate
-    from memguard.device import device_model
+    from memguard.device.allocator import simulate
+    from memguard.device.models import device_model
 
     model = build_model(spec["model"])
     dev = device_model("cuda", spec["gpu"])

@@ -11,7 +11,7 @@ checkpointing; several batch sizes). Each run is a fresh Python process that
    builds the optimizer, empties the cache and resets the peak statistics;
 3. trains two steps (forward, backward, optimizer step, zero_grad) and reads
    ``torch.cuda.max_memory_allocated``, ``torch.cuda.max_memory_reserved`` and NVML's "used" memory (through
-   ``memguard.gpus.discover``), the latter also as the growth over what NVML reported before the process
+   ``memguard.device.gpus.discover``), the latter also as the growth over what NVML reported before the process
    touched CUDA (the process's own context plus its allocator segments).
 
 Predicted ``peak_bytes`` is compared with max allocated, ``reserved_bytes`` with max reserved and
@@ -202,7 +202,7 @@ def predict(run: Run, gpu: str | None) -> dict:
 
 
 def _nvml_used() -> dict | None:
-    from memguard.gpus import discover
+    from memguard.device.gpus import discover
 
     found = discover()
     if not found.gpus:
@@ -346,8 +346,8 @@ def _local_gpu() -> tuple[bool, str | None, dict]:
     """(a CUDA GPU is usable, its catalog name, facts) without creating a CUDA context in this process."""
     facts: dict[str, Any] = {}
     try:
-        from memguard.gpu_catalog import match_device
-        from memguard.gpus import discover
+        from memguard.device.catalog import match_device
+        from memguard.device.gpus import discover
 
         found = discover()
         if found.gpus:

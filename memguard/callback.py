@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ from memguard.plan import DEFAULT_MARGIN, KNOBS, TrainingConfig, batch_size_of, 
 from memguard.precision import Precision
 from memguard.quiet import quiet
 from memguard.units import format_bytes, parse_bytes
+from memguard.losses import forward_sum_loss, silence_logging, training_step_loss
 
 STATE_VERSION = 1
 
@@ -196,7 +197,7 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         config = TrainingConfig(config.precision, optimizer_name, config.micro_batch_size,
                                 config.accumulate_grad_batches, config.gradient_checkpointing)
         def prepare(twin: nn.Module) -> None:
-            _silence_logging(twin)
+            silence_logging(twin)
             if hasattr(twin, "_trainer"):
                 twin._trainer = trainer  # copies drop it; training_step may read trainer state
 
@@ -259,7 +260,7 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         if example is not None:
             self.batch_source = "the module's example_input_array (no train dataloader to read)"
             self.forward_only = True
-            return example, self.loss_fn or _forward_sum_loss
+            return example, self.loss_fn or forward_sum_loss
         raise MemguardError("memguard found no batch to trace: the run has no train dataloader yet and the module "
                             "no example_input_array; pass MemGuard(example_batch=...) with a batch as "
                             "training_step receives it")
@@ -433,26 +434,8 @@ def precision_plugin(trainer: Any, precision: str) -> Any:
     return plugins.Precision()
 
 
-def _silence_logging(model: nn.Module) -> None:
-    """Logging and printing in training_step must not reach the real trainer while memguard traces it."""
-    for name in ("log", "log_dict", "print"):
-        if hasattr(model, name):
-            setattr(model, name, lambda *a, **k: None)
-
-
 def _training_step_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    out = model.training_step(batch, 0)
-    if isinstance(out, Mapping):
-        out = out["loss"]
-    if not isinstance(out, torch.Tensor):
-        raise MemguardError("training_step returned no loss tensor; pass MemGuard(loss_fn=...)")
-    return out
-
-
-def _forward_sum_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    out = model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
-    leaves = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return sum(t.float().sum() for t in leaves)
+    return training_step_loss(model, batch, instead="pass MemGuard(loss_fn=...)")
 
 
 def _shapes(batch: Any) -> list:

@@ -10,10 +10,10 @@ from typing import Any
 
 from torch import nn
 
-from memguard import gpus as local_gpus
+from memguard.device import gpus as local_gpus
 from memguard.spec.check_spec import CheckSpec
 from memguard.errors import MemguardError
-from memguard.gpu_catalog import lookup, match_device
+from memguard.device.catalog import lookup, match_device
 from memguard.plan import TrainingConfig, estimator, plan, required_bytes
 from memguard.results import CheckResult, Estimate, Target, TargetResult
 from memguard.trace import TRACED_MICRO_BATCHES

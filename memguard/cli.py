@@ -205,7 +205,7 @@ def _cmd_gpus(args: argparse.Namespace) -> int:
     """``memguard gpus [--json] [--catalog]``."""
     if args.catalog:
         return _print_catalog(args.json)
-    from memguard.gpus import discover
+    from memguard.device.gpus import discover
 
     found = discover()
     if args.json:
@@ -256,7 +256,7 @@ def _mig_cell(gpu: Any) -> str:
 
 def _print_catalog(as_json: bool) -> int:
     """``memguard gpus --catalog``: the GPU models memguard can plan for without the hardware."""
-    from memguard.gpu_catalog import CATALOG
+    from memguard.device.catalog import CATALOG
     from memguard.report import render_table
     from memguard.units import format_bytes
 

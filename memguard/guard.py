@@ -52,8 +52,8 @@ def detect_capacity(device: torch.device, budget: int | None = None) -> Capacity
     """The free memory of ``device`` now: NVML for a GPU (never creating a CUDA context), available host
     memory for the CPU. ``budget`` overrides the number (the GPU's kernels still come from NVML)."""
     if device.type == "cuda":
-        from memguard import gpus
-        from memguard.gpu_catalog import match_device
+        from memguard.device import gpus
+        from memguard.device.catalog import match_device
 
         index = device.index or 0
         found = gpus.discover(devices=[index])

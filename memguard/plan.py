@@ -396,7 +396,7 @@ def optimizer_what_if(model: torch.nn.Module, device: str) -> Callable[[Training
     part, so scaling them down errs low. Lets the planner skip candidates that cannot fit without tracing
     them; it never accepts one."""
     from memguard.categories import Category
-    from memguard.device import CUDA_BLOCK
+    from memguard.device.models import CUDA_BLOCK
     from memguard.optimizers import CATALOG, state_bytes, step_transient_bytes, unified_state_bytes
     from memguard.precision import Precision
 

@@ -94,7 +94,7 @@ def preflight(
 def _device(device: str | torch.device | None) -> torch.device:
     if device is not None:
         return torch.device(device)
-    from memguard import gpus
+    from memguard.device import gpus
 
     found = gpus.discover()
     return torch.device("cuda", 0) if found.gpus and found.gpus[0].error is None else torch.device("cpu")

@@ -17,7 +17,7 @@ from memguard.units import format_bytes
 
 if TYPE_CHECKING:
     from memguard.spec.check_spec import CheckSpec
-    from memguard.gpu_catalog import CatalogGPU
+    from memguard.device.catalog import CatalogGPU
     from memguard.plan import Plan
 
 TIMELINE_POINTS = 400
@@ -121,7 +121,7 @@ class Estimate:
     """An upper bound on ``peak_bytes`` under every routing the model could take: equal to ``peak_bytes``
     unless routing decisions computed from the weights were assumed (mixture-of-experts), when
     ``peak_bytes`` is the balanced routing's figure and this the larger of it and the skewed routing's
-    (see :mod:`memguard.fake_rules`); decide whether a run fits on this figure."""
+    (see :mod:`memguard.trace.fake_rules`); decide whether a run fits on this figure."""
 
     def top_holders(self, n: int | None = 8, *, by: str = "module", depth: int | None = None,
                     parts: int = 3) -> list[HolderGroup]:
@@ -233,7 +233,7 @@ class Target:
     source: str
     """Where the capacity comes from, in words."""
     catalog: CatalogGPU | None = None
-    """The :class:`memguard.gpu_catalog.CatalogGPU` entry (kernels, context size); None when unknown."""
+    """The :class:`memguard.device.catalog.CatalogGPU` entry (kernels, context size); None when unknown."""
     bf16: bool = True
     index: int | None = None
     """The local CUDA index, for a discovered GPU."""

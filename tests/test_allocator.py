@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from memguard.allocator import (
+from memguard.device.allocator import (
     VALID_KEYS,
     AllocatorConfig,
     CachingAllocator,

@@ -1,4 +1,4 @@
-"""What autograd does in place for plain tensors (memguard.autograd_in_place), against the real CPU peak.
+"""What autograd does in place for plain tensors (memguard.trace.autograd_in_place), against the real CPU peak.
 
 Each model sends several gradients into one tensor's buffer, or scatters a gradient into zeros; they differ
 in whether the real run works in place (the engine holds the only reference to a dense operand; a C++
@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import memguard
 from groundtruth import REAL_OPTIMIZERS, measure_peak
-from memguard.autograd_in_place import AutogradInPlace
+from memguard.trace.autograd_in_place import AutogradInPlace
 
 
 def _batch() -> torch.Tensor:

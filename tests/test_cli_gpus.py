@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from test_gpus import MIG_2G, NVMLError_LibraryNotFound, install, machine
 
-import memguard.gpus
+import memguard.device.gpus
 from memguard.cli import _HANDLERS, _build_parser, main
 from memguard.errors import InvalidArgumentError
-from memguard.gpu_catalog import CATALOG
+from memguard.device.catalog import CATALOG
 from memguard.report import format_bytes, render_table
 
 MiB = 2**20
@@ -132,7 +132,7 @@ def _raise_invalid(*args: object, **kwargs: object) -> None:
 
 def test_invalid_argument_exits_2_without_traceback(monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(memguard.gpus, "discover", _raise_invalid)
+    monkeypatch.setattr(memguard.device.gpus, "discover", _raise_invalid)
     assert main(["gpus"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err == "memguard: error: devices=[7] asks for GPU 7 but only 1 is visible\n"
@@ -141,7 +141,7 @@ def test_invalid_argument_exits_2_without_traceback(monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize("argv", [["--debug", "gpus"], ["gpus", "--debug"]])
 def test_debug_shows_the_traceback(argv: list[str], monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(memguard.gpus, "discover", _raise_invalid)
+    monkeypatch.setattr(memguard.device.gpus, "discover", _raise_invalid)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "InvalidArgumentError" in err

@@ -379,7 +379,7 @@ def test_five_accumulated_micro_batches_within_2_percent_of_their_measured_peak(
 
 
 def test_local_gpus_are_used_when_none_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from memguard import gpus
+    from memguard.device import gpus
 
     info = gpus.GPUInfo(index=0, nvml_index=0, name="NVIDIA A100-SXM4-80GB", uuid="GPU-1", total_bytes=80 * 2**30,
                         free_bytes=20 * 2**30, used_bytes=60 * 2**30, compute_capability=(8, 0), bf16=True)

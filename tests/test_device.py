@@ -17,7 +17,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import memguard
-from memguard.device import CUDADevice, _CudaKernels
+from memguard.device.cuda_kernels import _CudaKernels
+from memguard.device.models import CUDADevice
 from memguard.trace import StepProgram, trace_training
 
 # ---------------------------------------------------------------------------------------------------------
@@ -316,7 +317,7 @@ def test_trainable_mask_takes_the_memory_efficient_kernel() -> None:
 def test_gemm_copies_an_operand_blas_cannot_read() -> None:
     """A gradient broadcast from a scalar (the sum of a Linear's output) has strides (0, 0): the matrix
     product clones it first. Row- and column-major operands are read as they are."""
-    from memguard.device import gemm_copy_bytes
+    from memguard.device.models import gemm_copy_bytes
 
     mm, addmm = torch.ops.aten.mm.default, torch.ops.aten.addmm.default
     a, b = torch.ones(64, 32), torch.ones(32, 16)

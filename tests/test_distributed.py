@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from memguard import Category, InvalidArgumentError
-from memguard.device import device_model
+from memguard.device.models import device_model
 from memguard.estimation.distributed import (
     NCCL_DEVICE_BYTES,
     DDPOptions,

@@ -1,11 +1,11 @@
-"""memguard.gpu_catalog: the table's invariants, a few facts checked by hand, and forgiving name lookup."""
+"""memguard.device.catalog: the table's invariants, a few facts checked by hand, and forgiving name lookup."""
 
 from __future__ import annotations
 
 import pytest
 
 from memguard.errors import InvalidArgumentError
-from memguard.gpu_catalog import (
+from memguard.device.catalog import (
     CATALOG,
     EAGER_CONTEXT_BYTES_V100,
     CatalogGPU,
@@ -14,8 +14,8 @@ from memguard.gpu_catalog import (
     match_device,
     names,
 )
-from memguard.gpu_catalog import _INDEX as INDEX
-from memguard.gpus import GPUInfo
+from memguard.device.catalog import _INDEX as INDEX
+from memguard.device.gpus import GPUInfo
 
 MiB = 2**20
 GiB = 2**30

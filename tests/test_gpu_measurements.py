@@ -39,7 +39,8 @@ PUBLISHED_FIELDS = ("id", "source", "quote", "model", "batch_size", "seq_len_or_
 
 
 def test_every_point_is_decided_and_well_formed() -> None:
-    from memguard import gpu_catalog, presets
+    from memguard import presets
+    from memguard.device import catalog as gpu_catalog
 
     ids = [e["id"] for e in DATA["measurements"] + DATA["oom_observations"] + DATA["calibration_points"]]
     assert len(ids) == len(set(ids))

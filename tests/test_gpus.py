@@ -1,8 +1,8 @@
-"""memguard.gpus: discovery through NVML, checked against a fake ``pynvml`` at the module boundary.
+"""memguard.device.gpus: discovery through NVML, checked against a fake ``pynvml`` at the module boundary.
 
 The fake (``build`` / ``install`` below, also used by test_cli_gpus.py) implements the NVML functions
-memguard.gpus calls over devices described in Python, and replaces ``sys.modules["pynvml"]`` so the lazy
-import inside memguard.gpus finds it. Handles are tuples so the fake can read them back.
+memguard.device.gpus calls over devices described in Python, and replaces ``sys.modules["pynvml"]`` so the lazy
+import inside memguard.device.gpus finds it. Handles are tuples so the fake can read them back.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import memguard.gpus as gpus
+import memguard.device.gpus as gpus
 from memguard.errors import InvalidArgumentError
-from memguard.gpus import NO_GPU, Discovery, GPUInfo, MigInstance, discover
+from memguard.device.gpus import NO_GPU, Discovery, GPUInfo, MigInstance, discover
 
 MiB = 2**20
 GiB = 2**30
@@ -452,7 +452,7 @@ def test_a_hanging_nvml_is_reported_not_waited_for(monkeypatch: pytest.MonkeyPat
 def test_importing_the_module_needs_no_pynvml(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", None)  # any `import pynvml` now fails
     spec = importlib.util.spec_from_file_location("memguard_gpus_copy", gpus.__file__)
-    copy = importlib.util.module_from_spec(spec)  # a fresh copy, so memguard.gpus itself stays untouched
+    copy = importlib.util.module_from_spec(spec)  # a fresh copy, so memguard.device.gpus itself stays untouched
     monkeypatch.setitem(sys.modules, "memguard_gpus_copy", copy)
     spec.loader.exec_module(copy)
     assert not hasattr(copy, "pynvml")

@@ -220,7 +220,7 @@ def test_logits_and_their_float32_copy_are_findable() -> None:
 
 
 def test_step_two_replay_holds_what_a_fresh_trace_holds(monkeypatch: pytest.MonkeyPatch) -> None:
-    import memguard.trace as trace
+    import memguard.trace.steps as trace
 
     model, x = Stack(width=256), torch.randn(512, 16)
     replayed = memguard.estimate(model, x, device="cuda")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import memguard
-from memguard.library_branches import eager_branches, eager_module_conversion
+from memguard.trace.library_branches import eager_branches, eager_module_conversion
 from test_estimate_accuracy import measured, predicted
 from zoo import Case
 

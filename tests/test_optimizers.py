@@ -17,7 +17,7 @@ import memguard
 from groundtruth import measure_peak
 from memguard import Category, InvalidArgumentError
 from memguard import optimizers as O
-from memguard.device import DeviceModel, device_model
+from memguard.device.models import DeviceModel, device_model
 from memguard.plan import OPTIMIZER_CHOICES
 from memguard.trace import StepProgram, trace_training
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memguard.device import DeviceModel
+from memguard.device.models import DeviceModel
 from memguard.errors import InvalidArgumentError
 from memguard.estimation.distributed import estimate_ranks
 from memguard.estimation.request import EstimateRequest

@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from memguard.categories import Category
-from memguard.device import DeviceModel
+from memguard.device.models import DeviceModel
 from memguard.errors import InvalidArgumentError
 from memguard.estimation.rewrites import Rewriter, setup_allocations
 from memguard.estimation.strategy_options import DeepSpeedOptions
-from memguard.trace import Trace, _Recorder, _RecordingMode
+from memguard.trace import Trace
+from memguard.trace.recording import _Recorder, _RecordingMode
 
 # ---------------------------------------------------------------------------------------------------------
 # DeepSpeed ZeRO (modelled: DeepSpeed needs CUDA to train)

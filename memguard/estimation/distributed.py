@@ -46,7 +46,7 @@ from torch import nn
 
 from memguard import strategies
 from memguard.categories import Category
-from memguard.device import DeviceModel, device_model
+from memguard.device.models import DeviceModel, device_model
 from memguard.errors import InvalidArgumentError
 from memguard.estimation.deepspeed_zero import (
     ZeroModelStates,

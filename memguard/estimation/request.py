@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 if TYPE_CHECKING:
-    from memguard.device import DeviceModel
+    from memguard.device.models import DeviceModel
     from memguard.precision import Precision
     from memguard.trace import TraceCache
 

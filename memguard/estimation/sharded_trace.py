@@ -22,21 +22,12 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from memguard.categories import Category
-from memguard.device import DeviceModel
+from memguard.device.models import DeviceModel
 from memguard.errors import TraceError
-from memguard.trace import (
-    StepProgram,
-    Trace,
-    _counted_rng_states,
-    _phase,
-    _Recorder,
-    _RecordingMode,
-    _Shadows,
-    _tag_optimizer_state,
-    fake_batch,
-    fake_model_copy,
-    track_model_and_batch,
-)
+from memguard.trace import StepProgram, Trace, fake_batch, fake_model_copy
+from memguard.trace.recording import _Recorder, _RecordingMode
+from memguard.trace.steps import _counted_rng_states, _phase, _Shadows, _tag_optimizer_state
+from memguard.trace.twin import track_model_and_batch
 
 # ---------------------------------------------------------------------------------------------------------
 # A fake process group, isolated from whatever the process already has

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from memguard import checkpointing, fake_rules
+from memguard import checkpointing
+from memguard.trace import fake_rules
 from memguard.categories import ALLOCATED_CATEGORIES, Category
-from memguard.device import DeviceModel, device_model
+from memguard.device.models import DeviceModel, device_model
 from memguard.errors import InvalidArgumentError, TraceError
 from memguard.estimation.request import EstimateRequest
 from memguard.optimizers import ShapeOnlyOptimizer, adam_like_bound, make_factory
@@ -118,7 +119,7 @@ def estimate_one(model: nn.Module, batch: Any, req: EstimateRequest,
 def _skewed_peak(tracer: Callable[..., Trace], model: nn.Module, batch: Any, factory: Any, program: StepProgram,
                  prec: Precision, prepare: Callable, device: Any, gpu: Any, shared: tuple) -> int:
     """The peak with every token routed to the expert a loop runs last, every expert still used: the worst
-    balance for the per-expert memory of an expert loop (see :mod:`memguard.fake_rules`)."""
+    balance for the per-expert memory of an expert loop (see :mod:`memguard.trace.fake_rules`)."""
     dev = device_model(device, gpu).fresh()
     with fake_rules.routing(fake_rules.SKEWED):
         trace = tracer(model, batch, factory, program, param_dtype=prec.param_dtype, prepare=prepare,
@@ -143,7 +144,7 @@ def step_order(zero_grad_before_backward: bool, accumulate_grad_batches: int = 1
 
 def _batch_key(batch: Any) -> tuple:
     """What of a batch shapes the traced program: its structure, each tensor's shape, strides and dtype,
-    and the values the trace reads (masks and lengths: see :func:`memguard.fake_rules.value_key`); other
+    and the values the trace reads (masks and lengths: see :func:`memguard.trace.fake_rules.value_key`); other
     leaves are compared by value."""
     leaves, spec = tree_flatten(batch)
     return (str(spec), tuple(

@@ -14,7 +14,7 @@ import torch
 
 from memguard import optimizers
 from memguard.errors import InvalidArgumentError, closest, unknown_name
-from memguard.gpu_catalog import lookup
+from memguard.device.catalog import lookup
 from memguard.plan import DEFAULT_MARGIN, KNOBS
 from memguard.precision import Precision
 from memguard.quantization import QuantScheme

@@ -75,7 +75,7 @@ def _optimizer(name: str, params: Any) -> torch.optim.Optimizer:
 
 def measure(model: str, precision: str, optimizer: str) -> dict[str, int]:
     """Two real training steps on cuda:0; runs in a child process (see module docstring)."""
-    from memguard.gpus import discover
+    from memguard.device.gpus import discover
 
     before = discover([0]).gpus[0].used_bytes
     torch.manual_seed(0)
@@ -112,10 +112,10 @@ def _measure_in_child(model: str, precision: str, optimizer: str) -> dict[str, i
 
 def _device_model() -> Any:
     """memguard's model of cuda:0: its catalog entry, or its compute capability when the catalog lacks it."""
-    from memguard.allocator import AllocatorConfig
-    from memguard.device import CUDADevice
-    from memguard.gpu_catalog import match_device
-    from memguard.gpus import discover
+    from memguard.device.allocator import AllocatorConfig
+    from memguard.device.models import CUDADevice
+    from memguard.device.catalog import match_device
+    from memguard.device.gpus import discover
 
     found = discover([0])
     entry = match_device(found.gpus[0]) if found.gpus else None

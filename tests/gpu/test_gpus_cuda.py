@@ -1,12 +1,12 @@
-"""memguard.gpus against the real thing: NVML's view must agree with what CUDA tells PyTorch."""
+"""memguard.device.gpus against the real thing: NVML's view must agree with what CUDA tells PyTorch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from memguard.gpu_catalog import match_device
-from memguard.gpus import discover
+from memguard.device.catalog import match_device
+from memguard.device.gpus import discover
 
 pytestmark = [
     pytest.mark.gpu,

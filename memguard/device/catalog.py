@@ -80,7 +80,7 @@ class CatalogGPU:
     vendor: str
     """``"nvidia"`` or ``"amd"``."""
     nvml: bool
-    """Whether NVML can see it (False for AMD: :func:`memguard.gpus.discover` never reports one)."""
+    """Whether NVML can see it (False for AMD: :func:`memguard.device.gpus.discover` never reports one)."""
     total_bytes: int
     """Total memory as NVML reports it on current drivers (nominal HBM size for AMD)."""
     usable_bytes: int
@@ -318,7 +318,7 @@ def _unknown(name: str) -> InvalidArgumentError:
 
 def match_device(info: Any) -> CatalogGPU | None:
     """The catalog entry for a discovered device (anything with NVML's ``name`` and ``total_bytes``,
-    such as :class:`memguard.gpus.GPUInfo`); None for a model the catalog lacks."""
+    such as :class:`memguard.device.gpus.GPUInfo`); None for a model the catalog lacks."""
     return match_name(getattr(info, "name", None), getattr(info, "total_bytes", 0) or 0)
 
 

@@ -1,7 +1,7 @@
 """GPU discovery through NVML: which GPUs this process will use, and how much memory each has free.
 
 This is the only module that talks to NVML (the ``pynvml`` module of the ``nvidia-ml-py`` distribution),
-imported lazily so ``import memguard.gpus`` works everywhere. NVML answers without creating a CUDA
+imported lazily so ``import memguard.device.gpus`` works everywhere. NVML answers without creating a CUDA
 context, so discovering GPUs costs no device memory and cannot change what it measures; this module never
 calls ``torch.cuda``.
 
@@ -447,7 +447,7 @@ def _compute_capability(pynvml: Any, handle: Any, name: str, total: int) -> tupl
         return int(major), int(minor)
     except (pynvml.NVMLError, AttributeError):
         pass
-    from memguard.gpu_catalog import match_name
+    from memguard.device.catalog import match_name
 
     entry = match_name(name, total)
     return entry.compute_capability if entry is not None else None

@@ -1,5 +1,8 @@
 """A model of PyTorch's CUDA caching allocator: what turns allocated bytes into reserved bytes.
 
+One module on purpose (over 600 lines): it follows one algorithm, CUDACachingAllocator.cpp's pools,
+block splitting, rounding and segment growth, whose parts only make sense read together.
+
 ``torch.cuda.max_memory_allocated`` counts the blocks handed to tensors; ``max_memory_reserved`` counts
 the segments the allocator obtained from the driver (cudaMalloc, or pages mapped into an expandable
 segment). The difference is rounding, segment granularity and fragmentation, and on a nearly full GPU

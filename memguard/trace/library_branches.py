@@ -6,7 +6,7 @@ take a branch that is safe for a graph but not the one an eager run takes. trans
 drops after reading the values, so it builds a full boolean attention mask that the eager run never makes
 (and checkpointed layers keep it alive until backward: +2.6% for a tiny Qwen3). memguard's fake tensors
 stand for a real eager run, so while it traces they are not "tracing" in that sense: data-dependent reads
-are answered by :mod:`memguard.fake_rules` (exactly for values it knows, else by a stated assumption).
+are answered by :mod:`memguard.trace.fake_rules` (exactly for values it knows, else by a stated assumption).
 
 torch itself does the same in ``Module._apply`` (``module.to(dtype)``, ``.float()``...): fake parameters are
 swapped for new ones with ``torch.utils.swap_tensors`` where real ones get ``param.data = converted``. A swap
