@@ -336,12 +336,12 @@ def test_exit_code_is_the_worst_targets(outcomes: list[str], code: int) -> None:
 
 def test_run_check_predicts_sharded_strategies_per_rank(tmp_path: Path) -> None:
     single = run_check(load_config(write(tmp_path, GPT2), []))
-    spec = load_config(write(tmp_path, GPT2), ["trainer.strategy=fsdp", "trainer.devices=8"])
+    spec = load_config(write(tmp_path, GPT2), ["trainer.strategy=fsdp", "trainer.devices=2"])
     result = run_check(spec)
-    assert any("'fsdp' over 8 devices (8 per node x 1 node): the numbers are the largest rank's" in n
+    assert any("'fsdp' over 2 devices (2 per node x 1 node): the numbers are the largest rank's" in n
                for n in result.notes)
     assert result.exit_code == 0 and result.targets[0].target.name == "H100-80GB"
-    # sharding parameters, gradients and optimizer state over 8 ranks: each rank holds less than one process
+    # sharding parameters, gradients and optimizer state over 2 ranks: each rank holds less than one process
     assert result.targets[0].estimate.peak_bytes < single.targets[0].estimate.peak_bytes
     assert result.parameters == result.trainable == 124_439_808
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from output_rules import NOISE, stray_lines
 
+pytestmark = pytest.mark.slow  # each runs an example in a subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
