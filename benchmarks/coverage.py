@@ -491,7 +491,8 @@ def summarize(rows: list[dict]) -> dict:
         "median_abs_error": statistics.median(errors) if errors else None,
         "max_abs_error": max(errors) if errors else None,
         "crashes": sum(r["trace_error_kind"] == "crash" for r in usable),
-        "bound_below_real": [r["name"] for r in traced if (r.get("bound") or r["estimate"]) < r["real_peak"]],
+        "bound_below_real": sorted(((r.get("bound") or r["estimate"]) - r["real_peak"], r["name"], r["real_peak"])
+                                   for r in traced if (r.get("bound") or r["estimate"]) < r["real_peak"]),
     }
 
 
@@ -500,6 +501,16 @@ def _grouped(rows: list[dict], field_name: str) -> dict[str, list[dict]]:
     for r in rows:
         groups.setdefault(_group_key(r[field_name]), []).append(r)
     return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
+
+
+def _below(rows: list) -> str:
+    """How many bounds fall below the real peak, and by how much at most (bytes, and the largest share)."""
+    if not rows:
+        return "none"
+    worst_bytes = min(rows)
+    worst_share = min(rows, key=lambda r: r[0] / r[2])
+    return (f"{len(rows)}, by at most {-worst_bytes[0]:,} bytes ({worst_bytes[1]}); the largest share "
+            f"{worst_share[0] / worst_share[2]:+.2%} ({worst_share[1]}, {-worst_share[0]:,} bytes of {worst_share[2]:,})")
 
 
 def _bound(r: dict) -> str:
@@ -528,7 +539,7 @@ def render(rows: list[dict], total_seconds: float, timeout: float) -> tuple[list
         f"- abs error over traced: median **{med}**, max **{mx}**",
         f"- Python exceptions raised in memguard's own code (crashes, not refusals): {s['crashes']}",
         "- traced with the bound (Estimate.bound_bytes, what \"fits\" is decided on) below the real peak: "
-        + (", ".join(s["bound_below_real"]) or "none"),
+        + _below(s["bound_below_real"]),
     ]
     traced = sorted((r for r in usable if r["traced"]), key=lambda r: r["error"])
     if traced:
