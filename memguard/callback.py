@@ -130,7 +130,7 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
                     self._swap_optimizers(trainer, self._pending_optimizer)
                 if self.applied is not None and trainer.logger is not None and self.changes:
                     trainer.logger.log_hyperparams({"memguard/plan": self._summary(),
-                                                    "memguard/config": str(vars(self.applied))})
+                                                    "memguard/config": str(self.applied.to_dict())})
         except Exception as exc:  # noqa: BLE001 - never crash training for memguard's own failure
             if self.policy == "abort":
                 raise MemguardError(f"memguard could not apply its plan: {exc}") from exc
@@ -166,7 +166,7 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
     def state_dict(self) -> dict[str, Any]:
         if self.applied is None:
             return {}
-        return {"version": STATE_VERSION, "config": dict(vars(self.applied)), "changes": list(self.changes)}
+        return {"version": STATE_VERSION, "config": self.applied.to_dict(), "changes": list(self.changes)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """A resumed run trains with the plan it started with. Lightning restores callback state after
@@ -220,7 +220,7 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         return decision
 
     def _current_config(self, trainer: Any, pl_module: Any, batch: Any) -> TrainingConfig:
-        precision = str(Precision.parse(trainer.precision))
+        precision = Precision.parse(trainer.precision)
         micro = batch_size_of(batch) if batch is not None else 1
         return TrainingConfig(precision=precision, micro_batch_size=micro,
                               accumulate_grad_batches=int(trainer.accumulate_grad_batches),
@@ -318,7 +318,7 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
             "error": error,
             "fits": decision.fits if decision else None,
             "plan_fits": bool(decision and decision.plan and decision.plan.fits),
-            "config": vars(decision.plan.config) if decision and decision.plan else None,
+            "config": decision.plan.config.to_dict() if decision and decision.plan else None,
             "changes": [vars(c) for c in decision.plan.changes] if decision and decision.plan else [],
             "cost": decision.plan.cost if decision and decision.plan else 0.0,
             "message": explain(decision) if decision else error,
@@ -370,7 +370,7 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
     def _apply_early(self, trainer: Any, pl_module: Any, target: TrainingConfig) -> None:
         """Set what must change before the strategy sets up: compared with the run's live settings, so
         applying a saved plan after a fresh decision lands on the saved plan exactly."""
-        if target.precision != str(Precision.parse(trainer.precision)):
+        if target.precision != Precision.parse(trainer.precision):
             trainer.strategy.precision_plugin = precision_plugin(trainer, target.precision)
         parsing = _lightning.package_of(trainer).utilities.parsing
         if parsing.lightning_hasattr(pl_module, self.batch_arg_name) and (

@@ -14,7 +14,7 @@ from memguard.device import gpus as local_gpus
 from memguard.spec.check_spec import CheckSpec
 from memguard.errors import MemguardError
 from memguard.device.catalog import lookup, match_device
-from memguard.plan import TrainingConfig, estimator, plan, required_bytes
+from memguard.plan import TrainingConfig, assess, estimator
 from memguard.results import CheckResult, Estimate, Target, TargetResult
 from memguard.trace import TRACED_MICRO_BATCHES
 
@@ -56,16 +56,11 @@ def run_check(spec: CheckSpec, targets: Sequence[Target] | None = None) -> Check
         key = target.catalog.name if target.catalog is not None else None
         if key not in evaluators:
             evaluators[key] = _evaluator(spec, model, target.catalog)
-        evaluate = evaluators[key]
-        est = evaluate(spec.training)
-        need = required_bytes(est, spec.margin)
-        fits = need <= target.capacity_bytes
-        result = TargetResult(target, est, need, fits, notes=_target_notes(spec, target))
-        if not fits and spec.fallback and spec.allow != ():
-            result.plan = plan(spec.training, evaluate, target.capacity_bytes, allow=spec.allow,
-                               bf16_supported=target.bf16, margin=spec.margin, base_estimate=est,
-                               world_size=spec.world_size or 1, strategy=spec.strategy)
-        results.append(result)
+        found = assess(spec.training, evaluators[key], target.capacity_bytes, margin=spec.margin,
+                       search=spec.fallback and spec.allow != (), allow=spec.allow, bf16_supported=target.bf16,
+                       world_size=spec.world_size or 1, strategy=spec.strategy)
+        results.append(TargetResult(target, found.estimate, found.required_bytes, found.fits, found.plan,
+                                    notes=_target_notes(spec, target)))
     params = list(model.parameters())  # tied weights once
     return CheckResult(spec, results, notes, parameters=sum(p.numel() for p in params),
                        trainable=sum(p.numel() for p in params if p.requires_grad))

@@ -15,7 +15,7 @@ import torch
 
 from memguard.errors import MemguardError, unknown_name
 from memguard.results import Estimate
-from memguard.plan import DEFAULT_MARGIN, Plan, TrainingConfig, plan, required_bytes
+from memguard.plan import DEFAULT_MARGIN, Plan, TrainingConfig, assess, required_bytes
 from memguard.units import format_bytes
 
 POLICIES = ("auto", "abort", "warn")
@@ -128,9 +128,7 @@ class Decision:
         """The autocast context for the chosen precision (a no-op context for full or "true" precision)."""
         import contextlib
 
-        from memguard.precision import Precision
-
-        dtype = Precision.parse(self.chosen.precision).autocast_dtype
+        dtype = self.chosen.precision.autocast_dtype
         return torch.autocast(self.device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     def fabric_kwargs(self) -> dict[str, Any]:
@@ -144,12 +142,11 @@ class Decision:
         accumulation steps are :attr:`micro_batch_size` and :attr:`accumulate_grad_batches`."""
         from memguard import checkpointing
         from memguard.optimizers import rebuild_optimizer
-        from memguard.precision import Precision
 
         chosen = self.chosen
         if chosen.gradient_checkpointing and not self.config.gradient_checkpointing:
             checkpointing.enable(model)
-        dtype = Precision.parse(chosen.precision).param_dtype
+        dtype = chosen.precision.param_dtype
         if dtype is not None and chosen.precision != self.config.precision:
             model = model.to(dtype)
         if optimizer is not None and chosen.optimizer != self.config.optimizer:
@@ -173,7 +170,7 @@ class Decision:
             "plan": None if self.plan is None else {
                 "fits": self.plan.fits,
                 "changes": [vars(c) for c in self.plan.changes],
-                "config": vars(self.plan.config),
+                "config": self.plan.config.to_dict(),
                 "device_bytes": self.plan.estimate.device_bytes,
                 "peak_bytes": self.plan.estimate.peak_bytes,
             },
@@ -197,18 +194,17 @@ def decide(
     so abort and warn can say what would have fit). ``optimizers_available`` may be a function, asked only
     when a plan is searched: finding out means importing bitsandbytes and torchao, about a second."""
     check_policy(policy)
-    base = evaluate(config)
-    fits = required_bytes(base, margin) <= capacity.bytes
-    chosen_plan = None
-    if not fits:
-        kwargs: dict[str, Any] = {}
-        if optimizers_available is not None:
-            found = optimizers_available() if callable(optimizers_available) else optimizers_available
-            kwargs["optimizers_available"] = tuple(found)
-        chosen_plan = plan(config, evaluate, capacity.bytes, allow=allow, bf16_supported=capacity.bf16,
-                           allow_bf16_true=allow_bf16_true, margin=margin, base_estimate=base, **kwargs)
-    return Decision(fits, base, capacity.bytes, config, chosen_plan, policy, margin, capacity.source,
-                    device_type=device_type, dialect=dialect)
+
+    def available() -> dict[str, Any]:  # asked only when a plan is searched
+        if optimizers_available is None:
+            return {}
+        found = optimizers_available() if callable(optimizers_available) else optimizers_available
+        return {"optimizers_available": tuple(found)}
+
+    result = assess(config, evaluate, capacity.bytes, margin=margin, more=available, allow=allow,
+                    bf16_supported=capacity.bf16, allow_bf16_true=allow_bf16_true)
+    return Decision(result.fits, result.estimate, capacity.bytes, config, result.plan, policy, margin,
+                    capacity.source, device_type=device_type, dialect=dialect)
 
 
 def explain(decision: Decision) -> str:

@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from memguard import strategies
 from memguard.advice import how_to
 from memguard.errors import InvalidArgumentError, unknown_name
+from memguard.precision import Precision
 from memguard.estimation import estimate
 from memguard.results import Estimate
 
@@ -69,7 +70,8 @@ class TrainingConfig:
     """The knobs of a run the planner may change. ``optimizer`` is a catalog name; anything the planner
     must not touch (model, data, strategy) stays with the caller's estimate function."""
 
-    precision: str = "32-true"
+    precision: Precision = Precision.FP32_TRUE
+    """Parsed on construction: a Lightning string or alias ("bf16") becomes its :class:`Precision`."""
     optimizer: str = "adamw"
     micro_batch_size: int = 1
     accumulate_grad_batches: int = 1
@@ -77,6 +79,13 @@ class TrainingConfig:
     optimizer_offload: bool = False
     strategy: str | None = None
     """A Lightning strategy name the planner switched to (sharding); None: the run's own strategy."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", Precision.parse(self.precision))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the precision as its string): what a checkpoint, a log or JSON keeps."""
+        return {**vars(self), "precision": str(self.precision)}
 
     @property
     def effective_batch_size(self) -> int:
@@ -93,6 +102,11 @@ class Change:
     how: str
     cost: float
     why: str
+
+    def __post_init__(self) -> None:  # plain strings, as a checkpoint or JSON keeps them
+        for name in ("before", "after"):
+            if isinstance(getattr(self, name), Precision):
+                object.__setattr__(self, name, str(getattr(self, name)))
 
     def __str__(self) -> str:
         return f"{self.knob}: {self.before} -> {self.after} ({self.how}; cost {self.cost:g}: {self.why})"
@@ -139,6 +153,33 @@ def required_bytes(est: Estimate, margin: float) -> int:
     run fits is decided on ``bound_bytes``, not on the balanced routing's peak."""
     over_bound = max(0, est.bound_bytes - est.peak_bytes)
     return int((est.device_bytes + over_bound) * (1.0 + margin))
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """A configuration against a capacity: its estimate, what it needs with the margin, whether that fits,
+    and the plan when one was searched."""
+
+    estimate: Estimate
+    required_bytes: int
+    fits: bool
+    plan: Plan | None
+
+
+def assess(config: TrainingConfig, evaluate: Evaluate, capacity_bytes: int, *, margin: float = DEFAULT_MARGIN,
+           search: bool = True, more: Callable[[], Mapping[str, Any]] | None = None,
+           **plan_kwargs: Any) -> Assessment:
+    """The one decision every front end makes: estimate ``config``; when it does not fit and ``search``
+    allows, plan the cheapest change that does (``plan_kwargs``, and ``more()`` asked only then, go to
+    :func:`plan`)."""
+    base = evaluate(config)
+    need = required_bytes(base, margin)
+    fits = need <= capacity_bytes
+    found = None
+    if not fits and search:
+        extra = dict(more()) if more is not None else {}
+        found = plan(config, evaluate, capacity_bytes, margin=margin, base_estimate=base, **plan_kwargs, **extra)
+    return Assessment(base, need, fits, found)
 
 
 def plan(
@@ -398,7 +439,6 @@ def optimizer_what_if(model: torch.nn.Module, device: str) -> Callable[[Training
     from memguard.categories import Category
     from memguard.device.models import CUDA_BLOCK
     from memguard.optimizers import CATALOG, state_bytes, step_transient_bytes, unified_state_bytes
-    from memguard.precision import Precision
 
     target = "cpu" if device == "cpu" else "cuda"
     impl = "for-loop" if target == "cpu" else "foreach"
@@ -406,8 +446,8 @@ def optimizer_what_if(model: torch.nn.Module, device: str) -> Callable[[Training
     trainable = [p for p in model.parameters() if p.requires_grad]
     scaled = (Category.ACTIVATIONS, Category.TEMPORARIES, Category.INPUTS)
 
-    def specs(precision: str) -> list:
-        dtype = Precision.parse(precision).param_dtype
+    def specs(precision: Precision) -> list:
+        dtype = precision.param_dtype
         return [(tuple(p.shape), dtype if dtype is not None and p.is_floating_point() else p.dtype) for p in trainable]
 
     @functools.lru_cache(maxsize=None)

@@ -23,6 +23,9 @@ class Precision(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    def __repr__(self) -> str:  # messages quote it as the string a user writes: 'bf16-mixed'
+        return repr(self.value)
+
     @classmethod
     def parse(cls, value: object) -> Precision:
         """Accept a member, a Lightning precision string, or one of Lightning's legacy aliases."""

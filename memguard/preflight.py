@@ -64,7 +64,7 @@ def preflight(
     target = _device(device)
     capacity = detect_capacity(target, parse_bytes(budget))
     factory, name = _optimizer(optimizer, model, target.type)
-    config = TrainingConfig(precision=str(Precision.parse(precision)), optimizer=name,
+    config = TrainingConfig(precision=Precision.parse(precision), optimizer=name,
                             micro_batch_size=batch_size_of(batch), accumulate_grad_batches=accumulate_grad_batches,
                             gradient_checkpointing=bool(gradient_checkpointing))
     fixed: dict[str, Any] = {"loss_fn": loss_fn, "device": "cuda" if target.type == "cuda" else "cpu",

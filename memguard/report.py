@@ -313,7 +313,7 @@ def to_json(result: CheckResult) -> dict[str, Any]:
             "parameters": result.parameters,
             "trainable_parameters": result.trainable,
             "batch": _batch_json(spec.batch),
-            "training": vars(spec.training).copy(),
+            "training": spec.training.to_dict(),
             "quantization": spec.quantization,
             "lora": None if spec.lora is None else {
                 "r": spec.lora.r, "alpha": spec.lora.alpha, "dropout": spec.lora.dropout,
@@ -344,7 +344,7 @@ def _target_json(t: TargetResult, margin: float) -> dict[str, Any]:
             "cost": t.plan.cost,
             "changes": [{"knob": c.knob, "before": c.before, "after": c.after, "how": c.how, "cost": c.cost,
                          "why": c.why} for c in t.plan.changes],
-            "config": vars(t.plan.config).copy(),
+            "config": t.plan.config.to_dict(),
             "tried": len(t.plan.tried),
             **_estimate_json(t.plan.estimate, g.capacity_bytes, margin),
         },

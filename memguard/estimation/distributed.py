@@ -323,7 +323,7 @@ def estimate_ranks(model: nn.Module, batch: Any, req: EstimateRequest) -> Estima
     spec = parse_strategy(strategy)
     dev = device_model(req.device, req.gpu)
     req = dataclasses.replace(req, device=dev, gpu=None)  # one instance for every rank: kernel measurements are shared
-    precision = Precision.parse(req.precision)
+    precision = req.precision
     if spec.kind is Kind.DDP:
         result, notes = _ddp(model, batch, spec, world_size, req)
     elif spec.kind is Kind.DEEPSPEED:

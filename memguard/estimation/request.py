@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from memguard.precision import Precision
+
 if TYPE_CHECKING:
     from memguard.device.models import DeviceModel
-    from memguard.precision import Precision
     from memguard.trace import TraceCache
 
 
@@ -26,7 +27,7 @@ class EstimateRequest:
     optimizer: str | type | Callable | None = "adamw"
     optimizer_kwargs: dict[str, Any] | None = None
     optimizer_impl: str | None = None
-    precision: str | Precision = "32-true"
+    precision: Precision = Precision.FP32_TRUE
     device: str | DeviceModel = "cuda"
     gpu: str | Any | None = None
     gradient_checkpointing: bool | None = None
@@ -42,6 +43,9 @@ class EstimateRequest:
     world_size: int = 1
     num_nodes: int = 1
     trace_cache: TraceCache | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", Precision.parse(self.precision))
 
     @property
     def distributed(self) -> bool:

@@ -39,7 +39,7 @@ def estimate_one(model: nn.Module, batch: Any, req: EstimateRequest,
         raise InvalidArgumentError(f"steps must be >= 1, got {req.steps}")
     if req.accumulate_grad_batches < 1:
         raise InvalidArgumentError(f"accumulate_grad_batches must be >= 1, got {req.accumulate_grad_batches}")
-    prec = Precision.parse(req.precision)
+    prec = req.precision
     dev = device_model(req.device, req.gpu).fresh()
     impl = req.optimizer_impl or dev.optimizer_impl
     target = "cpu" if dev.name == "cpu" else "cuda"

@@ -177,7 +177,7 @@ class _Loader(_Building):
         out: dict[str, Any] = {}
         precision = trainer.get("precision")
         out["precision"] = "32-true" if precision is None else (
-            self.name("trainer.precision", precision, lambda s: str(Precision.parse(s))))
+            self.name("trainer.precision", precision, Precision.parse))
         out["gradient_checkpointing"] = self.boolean("trainer.gradient_checkpointing",
                                                      trainer.get("gradient_checkpointing"))
         out["accumulate_grad_batches"] = self.positive_int("trainer.accumulate_grad_batches",
