@@ -186,7 +186,7 @@ class _Shadows:
     The optimizer step needs no autocast and no model code, only shapes, and meta tensors run torch's
     optimizer kernels about twice as fast as fake ones. Each gradient's allocation id moves from the
     fake ``.grad`` to the shadow's ``.grad``, so the free at zero_grad is still recorded where it happens.
-    ``local`` maps a parameter or gradient to the tensor that holds its memory (memguard.estimation.distributed passes
+    ``local`` maps a parameter or gradient to the tensor that holds its memory (memguard.estimation.sharded_trace passes
     a DTensor's local shard): the shadows take that tensor's shape. Gradients that are views of one buffer
     move its single allocation to the first shadow that takes one.
     """
