@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from memguard import strategies
 from memguard.device import gpus as local_gpus
 from memguard.spec.check_spec import CheckSpec
 from memguard.errors import MemguardError
@@ -87,7 +88,7 @@ def _evaluator(spec: CheckSpec, model: nn.Module, gpu: Any) -> Callable[[Trainin
 def _distributed(spec: CheckSpec) -> dict[str, Any]:
     """estimate()'s strategy arguments: per-rank prediction for several ranks (or an explicit strategy)."""
     world = spec.world_size or 1
-    if world == 1 and spec.strategy in ("auto", "single_device", None):
+    if world == 1 and (spec.strategy is None or strategies.is_single_process(spec.strategy)):
         return {}
     return {"strategy": spec.strategy, "world_size": world, "num_nodes": spec.num_nodes or 1}
 

@@ -24,10 +24,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from memguard.categories import Category
 from memguard.device.models import DeviceModel
 from memguard.errors import TraceError
-from memguard.trace import StepProgram, Trace, fake_batch, fake_model_copy
+from memguard.trace import StepProgram, Trace
 from memguard.trace.recording import _Recorder, _RecordingMode
 from memguard.trace.steps import _counted_rng_states, _phase, _Shadows, _tag_optimizer_state
-from memguard.trace.twin import track_model_and_batch
+from memguard.trace.twin import recorded_twin
 
 # ---------------------------------------------------------------------------------------------------------
 # A fake process group, isolated from whatever the process already has
@@ -300,16 +300,7 @@ def trace_wrapped(
         # FSDP1 reads data_ptr() of fake tensors in a check it tolerates; torch warns about each read
         warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
         fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
-        twin = fake_model_copy(model, fake_mode, param_dtype, *((shared,) if shared else ()))
-        twin.train()
-        if prepare is not None:
-            with fake_mode:
-                prepare(twin)
-        fbatch = fake_batch(batch, fake_mode, param_dtype)
-        recorder = _Recorder()
-        recorder.phase("setup")
-        recorder.watch(twin)
-        track_model_and_batch(recorder, twin, fbatch)
+        twin, fbatch, recorder = recorded_twin(model, batch, fake_mode, param_dtype, shared, prepare)
         mode = _ShardedRecordingMode(recorder, device, fake_mode)
         rng_states = _counted_rng_states(recorder) if device.host_is_device else contextlib.nullcontext()
         with fake_mode, mode, _tracking_resizes(recorder), device.kernel_mode(), rng_states:

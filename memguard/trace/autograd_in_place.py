@@ -109,21 +109,21 @@ class AutogradInPlace:
         if self._probing:
             self._probed.append(_counts(old))
             return None
-        if self._sole is None:
-            return None
-        for operand in (old, new):  # the engine's order
-            if _dense(operand) and _counts(operand) == self._sole:
-                return operand
-        return None
+        return next((operand for operand in (old, new) if self._held_alone(operand)), None)  # the engine's order
 
     def _scatter_base(self, args: tuple) -> torch.Tensor | None:
-        if self._zeros is None or self._sole is None or torch.is_grad_enabled() or not args:
+        if self._zeros is None or torch.is_grad_enabled() or not args:
             return None
         ref, node = self._zeros
         base = args[0]
         if ref() is not base or torch._C._current_autograd_node() is not node:
             return None
-        return base if _dense(base) and _counts(base) == self._sole else None
+        return base if self._held_alone(base) else None
+
+    def _held_alone(self, t: torch.Tensor) -> bool:
+        """The real run's test for working in place on ``t``: dense, and no reference but the one owner's
+        (counts equal to the calibrated sole operand's). Never true before calibration succeeded."""
+        return self._sole is not None and _dense(t) and _counts(t) == self._sole
 
     def calibrate(self) -> None:
         """Measure the counts of an operand the engine holds alone, through the dispatch stack now active:

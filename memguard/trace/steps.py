@@ -19,7 +19,7 @@ from memguard.device.models import DeviceModel
 from memguard.errors import TraceError
 from memguard.trace.library_branches import eager_branches, eager_module_conversion
 from memguard.trace.recording import Trace, _Recorder, _RecordingMode
-from memguard.trace.twin import fake_batch, fake_model_copy, track_model_and_batch
+from memguard.trace.twin import recorded_twin
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -458,18 +458,7 @@ def trace_training(
     """
     device = device or DeviceModel()
     fake_mode = fake_rules.fake_mode()
-    twin = fake_model_copy(model, fake_mode, param_dtype, shared)
-    twin.train()
-    if prepare is not None:
-        with fake_mode:  # layers the preparation creates (quantized stand-ins) must be fake too
-            prepare(twin)
-    fbatch = fake_batch(batch, fake_mode, param_dtype)
-
-    recorder = _Recorder()
-    recorder.phase("setup")
-    recorder.watch(twin)
-    track_model_and_batch(recorder, twin, fbatch)
-
+    twin, fbatch, recorder = recorded_twin(model, batch, fake_mode, param_dtype, shared, prepare)
     mode = _RecordingMode(recorder, device)
     rng_states = _counted_rng_states(recorder) if device.host_is_device else contextlib.nullcontext()
     with fake_mode, mode, device.kernel_mode(), rng_states, eager_branches(), eager_module_conversion():

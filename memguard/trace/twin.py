@@ -27,6 +27,24 @@ def _fake_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=target, device="cpu")
 
 
+def recorded_twin(model: nn.Module, batch: Any, mode: FakeTensorMode, param_dtype: torch.dtype | None,
+                  shared: tuple, prepare: Any) -> tuple[nn.Module, Any, _Recorder]:
+    """The fake twin of ``model`` in train mode, prepared (``prepare`` runs under ``mode``: layers it creates
+    must be fake too), its fake batch, and a recorder that already holds both as the setup phase. Every
+    tracer starts here (one process, or one rank of a sharded run)."""
+    twin = fake_model_copy(model, mode, param_dtype, shared)
+    twin.train()
+    if prepare is not None:
+        with mode:
+            prepare(twin)
+    fbatch = fake_batch(batch, mode, param_dtype)
+    recorder = _Recorder()
+    recorder.phase("setup")
+    recorder.watch(twin)
+    track_model_and_batch(recorder, twin, fbatch)
+    return twin, fbatch, recorder
+
+
 def fake_model_copy(
     model: nn.Module, mode: FakeTensorMode, param_dtype: torch.dtype | None = None, shared: tuple = ()
 ) -> nn.Module:
