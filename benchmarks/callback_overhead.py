@@ -27,7 +27,7 @@ except ImportError:
     import pytorch_lightning as pl
 
 from memguard import presets  # noqa: E402
-from memguard.callback import MemGuard  # noqa: E402
+from memguard.act.callback import MemGuard  # noqa: E402
 
 
 class Lit(pl.LightningModule):

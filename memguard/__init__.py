@@ -7,8 +7,6 @@ loading torch or Lightning before they need them.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -17,10 +15,10 @@ _EXPORTS = {
     "estimate": "memguard.estimation",
     "Estimate": "memguard.results",
     "TimelinePoint": "memguard.results",
-    "preflight": "memguard.preflight",
-    "Decision": "memguard.guard",
-    "OutOfMemoryPredicted": "memguard.guard",
-    "MemGuard": "memguard.callback",
+    "preflight": "memguard.act.preflight",
+    "Decision": "memguard.act.guard",
+    "OutOfMemoryPredicted": "memguard.act.guard",
+    "MemGuard": "memguard.act.callback",
     "Category": "memguard.categories",
     "Precision": "memguard.precision",
     "MemguardError": "memguard.errors",
@@ -44,15 +42,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(list(globals()) + __all__)
-
-
-class _Package(types.ModuleType):
-    """Importing a submodule that shares its name with a public function (memguard.preflight) must not hide the function: Python sets the package attribute on import."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType) and _EXPORTS[name] == value.__name__:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -2,7 +2,7 @@
 
 The planner decides *what* changes (a knob, from a value to another); this module says *how*, once per
 front end: a Lightning user changes ``Trainer(...)`` arguments, a transformers user ``TrainingArguments``,
-a plain PyTorch loop applies a :class:`memguard.guard.Decision`. Keeping every phrasing here means a report
+a plain PyTorch loop applies a :class:`memguard.act.guard.Decision`. Keeping every phrasing here means a report
 never tells a transformers user to set ``Trainer(accumulate_grad_batches=4)``.
 """
 

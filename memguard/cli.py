@@ -287,7 +287,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     with _quiet_libraries(args.debug):
         with _startup():
-            from memguard.check import run_check
+            from memguard.act.check import run_check
             from memguard.spec.check_spec import Options
             from memguard.spec.config import load_config
 

@@ -15,7 +15,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from lit_models import LitDecoder, pl  # noqa: E402
-from memguard.callback import MemGuard  # noqa: E402
+from memguard.act.callback import MemGuard  # noqa: E402
 
 out_dir, b0, b1, policy = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 rank = int(os.environ.get("LOCAL_RANK", "0"))

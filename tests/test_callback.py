@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from memguard import MemguardError
-from memguard.callback import MemGuard, precision_plugin
-from memguard.guard import OutOfMemoryPredicted
+from memguard.act.callback import MemGuard, precision_plugin
+from memguard.act.guard import OutOfMemoryPredicted
 from memguard.optimizers import available, real_class
 from memguard.plan import OPTIMIZER_CHOICES
 from lit_models import LitDecoder, pl
@@ -84,7 +84,7 @@ def test_auto_swaps_to_each_optimizer_the_planner_can_choose(name: str, monkeypa
     """Each swap, one at a time: three real steps on the new class, the scheduler still driving it."""
     if not available(name):
         pytest.skip(f"{name} is not installed")
-    monkeypatch.setattr("memguard.callback.optimizers_available", lambda: (name,))
+    monkeypatch.setattr("memguard.act.callback.optimizers_available", lambda: (name,))
     tried = _requirements(["optimizer"])
     assert [c.optimizer for c, _ in tried] == ["adamw", name]
     model, callback, trainer = _fit(["optimizer"], tried[1][1])

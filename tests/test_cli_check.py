@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-import memguard.check
+import memguard.act.check
 from memguard.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def test_no_traceback_without_debug(capsys: pytest.CaptureFixture[str], monkeypa
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("something inside broke")
 
-    monkeypatch.setattr(memguard.check, "run_check", broken)
+    monkeypatch.setattr(memguard.act.check, "run_check", broken)
     code, out, err = run(capsys, GPT2, *SMALL)
     assert code == 2 and out == ""
     assert err == "memguard: error: RuntimeError: something inside broke (run with --debug for the traceback)\n"

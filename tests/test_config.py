@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memguard.check import run_check
+from memguard.act.check import run_check
 from memguard.losses import forward_sum_loss
 from memguard.spec.check_spec import Options
 from memguard.spec.config import load_config

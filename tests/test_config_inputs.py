@@ -12,7 +12,7 @@ import pytest
 
 from memguard import hub
 from memguard.cli import main
-from memguard.check import run_check
+from memguard.act.check import run_check
 from memguard.spec.check_spec import Options
 from memguard.spec.config import load_config
 from memguard.spec.problems import ConfigError

@@ -114,7 +114,7 @@ def test_auto_swaps_optimizer_and_turns_on_checkpointing() -> None:
 def test_apply_swaps_to_each_optimizer_the_planner_can_choose(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if not available(name):
         pytest.skip(f"{name} is not installed")
-    monkeypatch.setattr(importlib.import_module("memguard.preflight"), "optimizers_available", lambda: (name,))
+    monkeypatch.setattr(importlib.import_module("memguard.act.preflight"), "optimizers_available", lambda: (name,))
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, eps=1e-6)
     target = TrainingConfig(precision="32-true", optimizer=name, micro_batch_size=4)

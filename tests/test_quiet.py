@@ -45,7 +45,7 @@ def test_third_party_warnings_hidden_memguard_warnings_shown() -> None:
         with quiet():
             _issue_from("torchao.quantization", "a library's warning")
             _issue_from("memguard.plan", "memguard: its own warning")
-            _issue_from("memguard.callback", "memguard: attributed to the caller", stacklevel=2)
+            _issue_from("memguard.act.callback", "memguard: attributed to the caller", stacklevel=2)
         _issue_from("torchao.quantization", "outside the block")
     assert [str(w.message) for w in seen] == ["memguard: its own warning", "memguard: attributed to the caller",
                                               "outside the block"]

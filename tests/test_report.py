@@ -15,6 +15,8 @@ from torch import nn
 
 import memguard
 from memguard import report
+from memguard.text import _NAMES
+from memguard.units import GiB
 from memguard.categories import ALLOCATED_CATEGORIES
 from memguard.plan import required_bytes
 from memguard.results import EXIT_MEANINGS
@@ -43,7 +45,7 @@ def test_the_breakdown_rows_add_up_to_the_allocated_peak(estimate: memguard.Esti
     """Every category row of the table, read back in the report's unit, sums to the allocated peak row."""
     text = report.render_report(estimate, CAPACITY)
     unit = report.unit_for(max(CAPACITY, required_bytes(estimate, 0.05)))
-    factor = report.GiB if unit == "GiB" else 2**20 if unit == "MiB" else 2**10 if unit == "KiB" else 1
+    factor = GiB if unit == "GiB" else 2**20 if unit == "MiB" else 2**10 if unit == "KiB" else 1
     block = text.split("of capacity:\n", 1)[1].split("  as configured  [", 1)[0]
     categories, totals, below = {}, {}, False
     for line in block.splitlines()[2:]:  # below the header and the rule
@@ -55,7 +57,7 @@ def test_the_breakdown_rows_add_up_to_the_allocated_peak(estimate: memguard.Esti
             (totals if below else categories)[cells[0]] = float(cells[1].split()[0]) * factor
     assert totals["allocated peak"] == pytest.approx(estimate.peak_bytes, abs=factor / 100)
     assert sum(categories.values()) == pytest.approx(estimate.peak_bytes, abs=len(categories) * factor / 100)
-    assert set(categories) == {report._NAMES.get(c, c.value) for c, v in estimate.breakdown.items()
+    assert set(categories) == {_NAMES.get(c, c.value) for c, v in estimate.breakdown.items()
                                if v and c in ALLOCATED_CATEGORIES}
 
 
@@ -67,7 +69,7 @@ def test_notes_and_margin_policy_are_stated(estimate: memguard.Estimate) -> None
 
 
 def test_check_json_carries_the_estimates_bytes_and_the_exit_code(tmp_path: Path) -> None:
-    from memguard.check import run_check
+    from memguard.act.check import run_check
     from memguard.spec.config import load_config
 
     path = tmp_path / "c.yaml"
@@ -84,7 +86,7 @@ def test_check_json_carries_the_estimates_bytes_and_the_exit_code(tmp_path: Path
 
 
 def test_an_html_plot_draws_every_gpu(tmp_path: Path) -> None:
-    from memguard.check import run_check
+    from memguard.act.check import run_check
     from memguard.spec.config import load_config
 
     path = tmp_path / "c.yaml"

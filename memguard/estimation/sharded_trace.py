@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memguard.categories import Category
 from memguard.device.models import DeviceModel
 from memguard.errors import TraceError
 from memguard.trace import StepProgram, Trace
 from memguard.trace.recording import _Recorder, _RecordingMode
-from memguard.trace.steps import _counted_rng_states, _phase, _Shadows, _tag_optimizer_state
+from memguard.trace.steps import _counted_rng_states, run_steps
 from memguard.trace.twin import recorded_twin
 
 # ---------------------------------------------------------------------------------------------------------
@@ -209,56 +209,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return getattr(t, "_local_tensor", t)
 
 
-def _run_sharded_steps(model: nn.Module, batch: Any, make_optimizer: Callable | None, program: StepProgram,
-                       recorder: _Recorder, mode: _RecordingMode) -> None:
-    """The training steps of ``trace.run_steps`` on a wrapped model: every step traced (FSDP frees storages
-    it allocated in earlier phases, so nothing is replayed), the optimizer on local-size shadows (a DTensor
-    parameter's state is the size of its local shard; FSDP1 flat parameters are already local).
-
-    Not ``trace.run_steps`` with a hook: that loop also replays later steps from the first, traces at most
-    ``TRACED_MICRO_BATCHES`` micro-batches, follows autograd's in-place gradient accumulation and tags
-    gradients with their holder, and each of those would change what a sharded trace records."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    shadows = _Shadows(params, recorder, local=_local) if make_optimizer is not None and params else None
-    optimizer = None
-    if shadows is not None:
-        with _phase(recorder, mode, "optimizer.init"), unset_fake_temporarily(), mode.optimizer_running():
-            optimizer = make_optimizer(shadows.params)
-            _tag_optimizer_state(recorder, optimizer, mode)
-    for step in range(1, program.steps + 1):
-        for micro in range(program.accumulate):
-            label = f"step{step}" if program.accumulate == 1 else f"step{step}.micro{micro + 1}"
-            with _phase(recorder, mode, f"{label}.forward"):
-                autocast = (torch.autocast("cpu", dtype=program.autocast_dtype) if program.autocast_dtype
-                            else contextlib.nullcontext())
-                with autocast:
-                    loss = program.loss_fn(model, batch)
-                if not isinstance(loss, torch.Tensor):
-                    raise TraceError(f"loss_fn returned {type(loss).__name__}; it must return a scalar tensor.")
-                recorder.tag_live_from_current_phase(Category.ACTIVATIONS)
-            if program.zero_grad_before_backward and micro == 0 and optimizer is not None:
-                with _phase(recorder, mode, f"{label}.zero_grad"):
-                    optimizer.zero_grad(set_to_none=True)
-            with _phase(recorder, mode, f"{label}.backward"):
-                if loss.requires_grad:
-                    loss.backward()
-                del loss
-                for p in params:
-                    if p.grad is not None:
-                        recorder.tag(_local(p.grad), Category.GRADIENTS)
-        if optimizer is not None:
-            shadows.take_grads()
-            with _phase(recorder, mode, f"step{step}.optimizer"), unset_fake_temporarily(), mode.optimizer_running():
-                optimizer.step()
-                _tag_optimizer_state(recorder, optimizer, mode)
-            paged = int(getattr(optimizer, "unified_bytes", 0))
-            recorder.trace.unified_bytes = max(recorder.trace.unified_bytes, paged)
-            if not program.zero_grad_before_backward:
-                with _phase(recorder, mode, f"step{step}.zero_grad"):
-                    optimizer.zero_grad(set_to_none=True)
-    recorder.phase("end")
-
-
 def _starting_from(trace: Trace, start: int, label: str) -> Trace:
     """The trace as if it began at event ``start``: what was live then is allocated up front (in "setup",
     what a wrapper built becomes parameters) and what came and went before is dropped."""
@@ -317,7 +267,7 @@ def trace_wrapped(
                 ) from exc
             del twin
             start = len(recorder.trace.events)
-            _run_sharded_steps(wrapped, fbatch, make_optimizer, program, recorder, mode)
+            run_steps(wrapped, fbatch, make_optimizer, program, recorder, mode, local=_local)
         trace = recorder.finish()
         del wrapped, fbatch
     return _starting_from(trace, start, "wrap")

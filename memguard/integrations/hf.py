@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
     raise ImportError("memguard.integrations.hf needs transformers: pip install 'memguard[transformers]'") from exc
 
 from memguard import advice, checkpointing
-from memguard.guard import Decision, OutOfMemoryPredicted, check_policy, explain
+from memguard.act.guard import Decision, OutOfMemoryPredicted, check_policy, explain
 from memguard.units import parse_bytes
 from memguard.plan import DEFAULT_MARGIN, Change
 from memguard.quiet import quiet
@@ -51,7 +51,7 @@ class MemGuardCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
-        from memguard.preflight import preflight
+        from memguard.act.preflight import preflight
 
         batch = self.example_batch if self.example_batch is not None else next(iter(train_dataloader))
         precision = "bf16-mixed" if args.bf16 else "16-mixed" if args.fp16 else "32-true"

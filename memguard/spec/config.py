@@ -20,7 +20,7 @@ Every problem found is collected and raised at once as one :class:`ConfigError` 
 each. Nothing in a config is evaluated as code: importing a ``class_path`` (and
 running that class's constructor and ``configure_optimizers`` on the meta device) is the only code that runs.
 
-:func:`load_config` gives the :class:`CheckSpec` that :func:`memguard.check.run_check` checks; nothing here
+:func:`load_config` gives the :class:`CheckSpec` that :func:`memguard.act.check.run_check` checks; nothing here
 prints, estimates or touches a GPU.
 """
 

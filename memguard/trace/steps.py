@@ -126,6 +126,7 @@ def run_steps(
     recorder: _Recorder,
     mode: _RecordingMode,
     reuse: _Slot | None = None,
+    local: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Run ``program.steps`` training steps on an already-fake model, recording as it goes.
 
@@ -136,9 +137,16 @@ def run_steps(
     traced, because step 1 creates the state lazily and step 2 does not. With ``reuse``, step 1's forward
     and backward are replayed from another trace's recording when it holds one, and recorded into it
     otherwise (see :class:`TraceCache`).
+
+    ``local`` marks a sharded model (FSDP, DTensor): it maps a parameter or gradient to the tensor that
+    holds the rank's memory. Then every step and every micro-batch is traced (FSDP frees storages it
+    allocated in earlier phases, so nothing can be replayed), gradients are tagged by their local tensor,
+    and the optimizer runs on local-size shadows.
     """
+    sharded = local is not None
     params = [p for p in model.parameters() if p.requires_grad]
-    shadows = _Shadows(params, recorder) if make_optimizer is not None and params else None
+    shadows = (_Shadows(params, recorder, local=local or _itself)
+               if make_optimizer is not None and params else None)
     optimizer = None
     if shadows is not None:
         with _phase(recorder, mode, "optimizer.init"), unset_fake_temporarily(), mode.optimizer_running():
@@ -148,9 +156,14 @@ def run_steps(
     for step in range(1, program.steps + 1):
         # Micro-batches after the second repeat it exactly (gradients exist, each backward accumulates into
         # them), so two are traced: the peak of any longer accumulation is the same.
-        for micro in range(min(program.accumulate, TRACED_MICRO_BATCHES)):
+        micro_batches = program.accumulate if sharded else min(program.accumulate, TRACED_MICRO_BATCHES)
+        for micro in range(micro_batches):
             label = f"step{step}" if program.accumulate == 1 else f"step{step}.micro{micro + 1}"
             zero_first = program.zero_grad_before_backward and micro == 0
+            if sharded:
+                _trace_sharded_forward_backward(model, batch, label, params, optimizer, program, zero_first,
+                                                recorder, mode, local)
+                continue
             recorded = reuse.recording if reuse is not None and program.accumulate == 1 else None
             if first is None and recorded is not None:
                 first = _replay_recording(recorded, label, params, optimizer, zero_first, recorder, mode)
@@ -346,6 +359,29 @@ def _trace_forward_backward(model, batch, label, params, optimizer, program, zer
         and exact_sizes
     )
     return _StepRecord(forward, backward, grads, replayable, raw_forward, raw_backward)
+
+
+def _trace_sharded_forward_backward(model, batch, label, params, optimizer, program, zero_first, recorder,  # noqa: ANN001
+                                    mode, local) -> None:
+    """One forward and backward of a sharded model, traced as it runs. Unlike
+    :func:`_trace_forward_backward` it neither follows autograd's in-place gradient accumulation nor
+    records the step for replay: FSDP's hooks reshard and free parameters between phases."""
+    with _phase(recorder, mode, f"{label}.forward"):
+        with _autocast(program.autocast_dtype):
+            loss = program.loss_fn(model, batch)
+        if not isinstance(loss, torch.Tensor):
+            raise TraceError(f"loss_fn returned {type(loss).__name__}; it must return a scalar tensor.")
+        recorder.tag_live_from_current_phase(Category.ACTIVATIONS)
+    if zero_first and optimizer is not None:
+        with _phase(recorder, mode, f"{label}.zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
+    with _phase(recorder, mode, f"{label}.backward"):
+        if loss.requires_grad:
+            loss.backward()
+        del loss
+        for p in params:
+            if p.grad is not None:
+                recorder.tag(local(p.grad), Category.GRADIENTS)
 
 
 def _replay_forward_backward(forward, backward, grads, label, optimizer, zero_first, recorder, mode,  # noqa: ANN001

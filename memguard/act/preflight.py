@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from memguard import checkpointing
-from memguard.guard import (
+from memguard.act.guard import (
     Decision,
     OutOfMemoryPredicted,
     check_policy,

@@ -1,7 +1,7 @@
 """MemGuard: the Lightning callback that decides before the first step whether a run fits, and acts.
 
 The callback is thin: it reads what Lightning is about to train (module, training_step, optimizers,
-precision, accumulation, an example batch), hands it to :mod:`memguard.guard` (capacity, estimate, plan),
+precision, accumulation, an example batch), hands it to :mod:`memguard.act.guard` (capacity, estimate, plan),
 makes every rank agree, and applies the chosen plan through Lightning's own switches:
 
 - in ``setup`` (before the strategy moves the model and builds optimizers): decide; switch the precision
@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 from memguard import _lightning, checkpointing
 from memguard.errors import MemguardError
 from memguard.results import Estimate
-from memguard.guard import (
+from memguard.act.guard import (
     Decision,
     OutOfMemoryPredicted,
     check_policy,
