@@ -12,6 +12,9 @@ from torch import nn
 
 import memguard
 from memguard import report
+from memguard.report.json_report import _estimate_json
+from memguard.report.plot import _timeline_svg
+from memguard.text import HOLDER_ROWS
 from memguard.categories import ALLOCATED_CATEGORIES, Category
 from memguard.results import Estimate
 from memguard.trace import SAVED, StepProgram, TraceCache, trace_training
@@ -288,11 +291,11 @@ def test_report_has_a_holders_section(stack_estimate: Estimate) -> None:
     assert "Largest kinds of tensors at the peak" in section
     assert "exp_avg" in section
     rows = section.split("Largest kinds")[0].splitlines()[3:]
-    assert 1 <= len([r for r in rows if r.strip()]) <= report.HOLDER_ROWS
+    assert 1 <= len([r for r in rows if r.strip()]) <= HOLDER_ROWS
 
 
 def test_json_carries_the_holders_in_bytes(stack_estimate: Estimate) -> None:
-    data = json.loads(json.dumps(report._estimate_json(stack_estimate, 80 * 2**30, 0.1)))
+    data = json.loads(json.dumps(_estimate_json(stack_estimate, 80 * 2**30, 0.1)))
     holders = data["holders"]
     assert sum(h["bytes"] for h in holders["all"]) == stack_estimate.peak_bytes
     assert holders["by_module"][0]["bytes"] == stack_estimate.top_holders(1)[0].bytes
@@ -307,6 +310,6 @@ def test_phase_spans_label_the_timeline(stack_estimate: Estimate) -> None:
         assert want in labels
     assert all(a < b for _, a, b in spans)
     assert all(prev[2] <= nxt[1] for prev, nxt in zip(spans, spans[1:]))
-    svg = report._timeline_svg([("as configured", [(p.index, p.allocated_bytes / 2**30)
+    svg = _timeline_svg([("as configured", [(p.index, p.allocated_bytes / 2**30)
                                                    for p in stack_estimate.timeline])], [("cap", 1.0)], spans)
     assert "<title>step1 backward</title>" in svg
