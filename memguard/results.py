@@ -117,6 +117,9 @@ class Estimate:
     """The order of the traced training step (see :func:`step_order`): where ``zero_grad`` runs decides
     whether the previous step's gradients are alive during the forward, which can move the peak by the
     size of the gradients."""
+    compiled: str = ""
+    """Which parts of the model were predicted compiled, and with which backend
+    (``"compiled (inductor): whole model"``); "" for eager execution."""
     bound_bytes: int = 0
     """An upper bound on ``peak_bytes`` under every routing the model could take: equal to ``peak_bytes``
     unless routing decisions computed from the weights were assumed (mixture-of-experts), when
@@ -162,6 +165,7 @@ class Estimate:
             "holders": [h.to_dict() for h in self.holders],
             "step_order": self.step_order,
             "bound_bytes": self.bound_bytes,
+            "compiled": self.compiled,
         }
 
 

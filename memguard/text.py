@@ -97,6 +97,8 @@ def render_estimate(estimate: Estimate, modules: int = 5, kinds: int = 5) -> str
              f"{format_bytes(e.reserved_bytes)} reserved, {format_bytes(e.device_bytes)} on the device",
              f"device {e.device}, precision {e.precision or '?'}, optimizer {e.optimizer or '?'}"
              + (" (approximate)" if e.approximate else "")]
+    if e.compiled:
+        lines.append(e.compiled)
     parts = [(_NAMES.get(c, c.value), e.breakdown.get(c, 0)) for c in _ORDER if e.breakdown.get(c, 0)]
     if parts:
         lines.append("breakdown: " + _parts(parts))

@@ -95,6 +95,7 @@ def measure_peak(
     zero_grad_before_backward: bool = False,
     prepare=None,
     accumulate: int = 1,
+    wrap=None,
 ) -> int:
     """Real CPU peak of live tensor bytes of ``steps`` training steps, run on a copy of ``model``.
 
@@ -115,12 +116,30 @@ def measure_peak(
         model = copy.deepcopy(staged)
         if prepare is not None:  # on the copy that trains: a preparation may hold references to its module
             prepare(model)
+        if wrap is not None:  # torch.compile: the wrapper trains the copy's parameters
+            model = wrap(model)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(params) if make_optimizer is not None and params else None
         run_real_steps(model, batch, loss_fn, opt, steps=steps, accumulate=accumulate, autocast_dtype=autocast_dtype,
                        zero_grad_before_backward=zero_grad_before_backward)
     del staged
     return base + live_peak(allocation_events(prof))
+
+
+def measure_compiled_peak(model: torch.nn.Module, batch, make_optimizer=None, *, compile_fn=torch.compile,
+                          **kwargs) -> int:
+    """Real CPU peak of ``steps`` training steps of ``compile_fn(copy of model)`` (inductor by default).
+
+    The copy is compiled inside the profiled window, at its first forward: compiling works on fake tensors
+    and keeps nothing that the steps see, so a compiled step's own buffers are what the window's peak holds
+    (checked against compiling and running a throwaway copy first: 32 bytes more on a 98 MiB step)."""
+    return measure_peak(model, batch, make_optimizer, wrap=compile_fn, **kwargs)
+
+
+def _default_loss():
+    from memguard.trace import default_loss_fn  # the call convention only, not the tracer
+
+    return default_loss_fn
 
 
 def live_peak(events: list) -> int:

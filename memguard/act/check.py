@@ -81,6 +81,7 @@ def _evaluator(spec: CheckSpec, model: nn.Module, gpu: Any) -> Callable[[Trainin
         zero_grad_before_backward=spec.zero_grad_before_backward,
         on_untraceable="bound",
         quantization=spec.quantization,
+        compile=spec.compile if spec.compile is not None else False,
         **_distributed(spec),
     )
 

@@ -44,6 +44,7 @@ def preflight(
     accumulate_grad_batches: int = 1,
     quantization: str | None = None,
     dialect: str = "pytorch",
+    compile: bool | str | dict | None = None,
 ) -> Decision:
     """Check a run before its first step: predict, compare with the device, then act by ``policy``.
 
@@ -58,7 +59,8 @@ def preflight(
 
     The traced step is a plain loop's (forward, backward, optimizer step, zero_grad); every report says
     so. ``dialect`` words the plan for the loop it is applied to ("pytorch", "lightning" for Fabric users
-    who think in Trainer arguments, "transformers").
+    who think in Trainer arguments, "transformers"). ``compile`` is :func:`memguard.estimate`'s: a model
+    compiled with torch.compile is predicted compiled without it.
     """
     check_policy(policy)
     target = _device(device)
@@ -68,7 +70,7 @@ def preflight(
                             micro_batch_size=batch_size_of(batch), accumulate_grad_batches=accumulate_grad_batches,
                             gradient_checkpointing=bool(gradient_checkpointing))
     fixed: dict[str, Any] = {"loss_fn": loss_fn, "device": "cuda" if target.type == "cuda" else "cpu",
-                             "quantization": quantization}
+                             "quantization": quantization, "compile": compile}
     if target.type == "cuda" and capacity.gpu is not None:
         fixed["gpu"] = capacity.gpu
 

@@ -47,6 +47,7 @@ def estimate(
     world_size: int = 1,
     num_nodes: int = 1,
     trace_cache: TraceCache | None = None,
+    compile: bool | str | dict | None = None,
 ) -> Estimate:
     """Predict the peak memory of training ``model`` on ``batch``.
 
@@ -75,6 +76,11 @@ def estimate(
     ``trace_cache``: a :class:`memguard.trace.TraceCache` shared by estimates of the same ``model``; those
     that differ only in ``optimizer``, ``optimizer_kwargs`` or ``optimizer_offload`` replay the model's
     forward and backward from the first instead of tracing them again (the planner's optimizer candidates).
+    ``compile``: None predicts the model as it is (its ``torch.compile``d parts compiled, the rest eager);
+    True, a backend name ("inductor", "aot_eager"), a mode ("max-autotune"...) or a mapping with
+    ``backend`` / ``mode`` / ``fullgraph`` / ``dynamic`` / ``options`` predicts the whole model compiled that
+    way (as ``torch.compile(model)`` or transformers' ``torch_compile=True``) unless it has compiled parts of
+    its own; False predicts eager execution. See :mod:`memguard.trace.compiled`.
     """
     req = EstimateRequest(
         loss_fn=loss_fn, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, optimizer_impl=optimizer_impl,
@@ -83,6 +89,7 @@ def estimate(
         quantization=quantization, accumulate_grad_batches=accumulate_grad_batches,
         optimizer_offload=optimizer_offload, prepare_model=prepare_model, shared=shared, strategy=strategy,
         world_size=world_size, num_nodes=num_nodes, trace_cache=trace_cache,
+        compile=compile,
     )
     if on_untraceable not in ("raise", "bound"):
         raise InvalidArgumentError(f"on_untraceable must be 'raise' or 'bound', got {on_untraceable!r}")

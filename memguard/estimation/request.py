@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from memguard.precision import Precision
+from memguard.trace.compiled import CompileSpec
 
 if TYPE_CHECKING:
     from memguard.device.models import DeviceModel
@@ -43,9 +44,12 @@ class EstimateRequest:
     world_size: int = 1
     num_nodes: int = 1
     trace_cache: TraceCache | None = None
+    compile: CompileSpec | bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision.parse(self.precision))
+        if self.compile is not None and self.compile is not False:
+            object.__setattr__(self, "compile", CompileSpec.parse(self.compile))
 
     @property
     def distributed(self) -> bool:

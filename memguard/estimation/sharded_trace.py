@@ -250,7 +250,7 @@ def trace_wrapped(
         # FSDP1 reads data_ptr() of fake tensors in a check it tolerates; torch warns about each read
         warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
         fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
-        twin, fbatch, recorder = recorded_twin(model, batch, fake_mode, param_dtype, shared, prepare)
+        twin, fbatch, recorder, _ = recorded_twin(model, batch, fake_mode, param_dtype, shared, prepare)
         mode = _ShardedRecordingMode(recorder, device, fake_mode)
         rng_states = _counted_rng_states(recorder) if device.host_is_device else contextlib.nullcontext()
         with fake_mode, mode, _tracking_resizes(recorder), device.kernel_mode(), rng_states:

@@ -7,6 +7,7 @@ Nothing here prints, touches a GPU or imports Lightning. Distributed runs
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from memguard.optimizers import ShapeOnlyOptimizer, adam_like_bound, make_factor
 from memguard.precision import Precision
 from memguard.quantization import QuantScheme, quantize_linears, replace_bnb_layers
 from memguard.results import TIMELINE_POINTS, Estimate, Holder, TimelinePoint
+from memguard.trace.compiled import CompileSpec, find_compiled
 from memguard.trace import TRACED_MICRO_BATCHES, StepProgram, Trace, default_loss_fn, trace_training
 
 
@@ -77,24 +79,41 @@ def estimate_one(model: nn.Module, batch: Any, req: EstimateRequest,
     approximate = False
     reuse: dict[str, Any] = {}
     if req.trace_cache is not None:
-        key = (id(model), _batch_key(batch), str(prec), req.gradient_checkpointing, req.quantization,
+        key = (id(model), _batch_key(batch), str(prec), req.compile, req.gradient_checkpointing, req.quantization,
                _device_key(dev), req.loss_fn, req.prepare_model, req.zero_grad_before_backward,
                min(req.accumulate_grad_batches, TRACED_MICRO_BATCHES), tuple(id(obj) for obj in req.shared))
         reuse["reuse"] = req.trace_cache.slot(key)
     tracer = tracer or trace_training
-    try:
-        trace = tracer(model, batch, factory, program, param_dtype=prec.param_dtype, prepare=prepare,
-                       device=dev, shared=req.shared, **reuse)
-    except TraceError as exc:
-        in_optimizer = (exc.phase or "").endswith(("optimizer", "optimizer.init"))
-        if req.on_untraceable != "bound" or not in_optimizer:
-            raise
-        notes.append(f"approximate: the optimizer could not be traced ({exc.operation}); bounded by Adam-sized "
-                     "state and a foreach-sized step transient")
-        approximate = True
-        dev = device_model(req.device, req.gpu).fresh()
-        trace = tracer(model, batch, adam_like_bound, program, param_dtype=prec.param_dtype,
-                       prepare=prepare, device=dev, shared=req.shared, **reuse)
+    kwargs = dict(reuse)
+    compiling = (tracer is trace_training and req.compile is not False
+                 and bool(isinstance(req.compile, CompileSpec) or find_compiled(model)))
+    if tracer is trace_training:
+        kwargs["compile"] = req.compile if compiling else False
+    while True:
+        try:
+            trace = tracer(model, batch, factory, program, param_dtype=prec.param_dtype, prepare=prepare,
+                           device=dev, shared=req.shared, **kwargs)
+            break
+        except Exception as exc:
+            if compiling:  # any failure of the compiled analysis falls back to eager, and says so
+                compiling, kwargs["compile"] = False, False
+                text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                message = (f"memguard could not analyse the compiled step ({type(exc).__name__}: {text[:200]}); "
+                           "the prediction is for eager execution")
+                warnings.warn(message, stacklevel=3)
+                notes.append(message)
+                dev = device_model(req.device, req.gpu).fresh()
+                continue
+            in_optimizer = isinstance(exc, TraceError) and (exc.phase or "").endswith(("optimizer", "optimizer.init"))
+            if req.on_untraceable != "bound" or not in_optimizer:
+                raise
+            notes.append(f"approximate: the optimizer could not be traced ({exc.operation}); bounded by Adam-sized "
+                         "state and a foreach-sized step transient")
+            approximate = True
+            dev = device_model(req.device, req.gpu).fresh()
+            trace = tracer(model, batch, adam_like_bound, program, param_dtype=prec.param_dtype,
+                           prepare=prepare, device=dev, shared=req.shared, **kwargs)
+            break
     result = summarize(trace, dev)
     result.approximate = approximate
     if trace.assumed_routing:
@@ -111,6 +130,7 @@ def estimate_one(model: nn.Module, batch: Any, req: EstimateRequest,
     offloaded = req.optimizer_offload
     result.optimizer = (opt_label if offloaded else f"{opt_label} ({impl})") if factory is not None else "none"
     result.notes = list(dict.fromkeys(notes + trace.notes + dev.notes()))
+    result.compiled = trace.compiled
     result.step_order = step_order(req.zero_grad_before_backward, req.accumulate_grad_batches)
     result.seconds = time.perf_counter() - started
     return result

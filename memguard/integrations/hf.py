@@ -63,6 +63,7 @@ class MemGuardCallback(TrainerCallback):
                     precision=precision, device=args.device, budget=self.budget, policy="warn", margin=self.margin,
                     gradient_checkpointing=bool(args.gradient_checkpointing) or None,
                     accumulate_grad_batches=args.gradient_accumulation_steps, dialect="transformers",
+                    compile=_compile_of(args),
                 )
         except Exception as exc:  # noqa: BLE001 - memguard's own failure never stops a run unless asked
             if self.policy == "abort":
@@ -89,3 +90,15 @@ class MemGuardCallback(TrainerCallback):
 
 def _kwargs(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in values.items())
+
+
+def _compile_of(args: Any) -> dict[str, Any] | None:
+    """``TrainingArguments(torch_compile=True, torch_compile_backend=..., torch_compile_mode=...)``: the Trainer
+    compiles the whole model that way before training (None: as the model is)."""
+    if not getattr(args, "torch_compile", False):
+        return None
+    spec: dict[str, Any] = {"backend": getattr(args, "torch_compile_backend", None) or "inductor"}
+    if getattr(args, "torch_compile_mode", None):
+        spec["mode"] = args.torch_compile_mode
+    return spec
+

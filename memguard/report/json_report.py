@@ -106,6 +106,7 @@ def _estimate_json(est: Estimate, capacity: int, margin: float) -> dict[str, Any
         "optimizer": est.optimizer,
         "approximate": est.approximate,
         "step_order": est.step_order,
+        "compiled": est.compiled,
         "timeline": [{"index": p.index, "phase": p.phase, "allocated_bytes": p.allocated_bytes} for p in est.timeline],
         "holders": _holders_json(est),
     }

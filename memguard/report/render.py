@@ -64,6 +64,9 @@ def render_report(
     lines = [_verdict(need, capacity_bytes, plan, where, margin), ""]
     if estimate.step_order:
         lines += [textwrap.fill(f"Traced step: {estimate.step_order}.", width=_WRAP), ""]
+    if estimate.compiled:
+        lines += [textwrap.fill(f"Predicted {estimate.compiled}: the compiled step's saved activations and "
+                                "buffers, as torch.compile runs it.", width=_WRAP), ""]
     lines.append(f"Memory at the predicted peak ({estimate.peak_phase}), against {format_bytes(capacity_bytes)} "
                  "of capacity:")
     lines.append(_indent(_breakdown_table(estimate, capacity_bytes, plan, margin, unit)))

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from memguard.plan import DEFAULT_MARGIN, TrainingConfig
+from memguard.trace.compiled import CompileSpec
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -63,6 +64,8 @@ class CheckSpec:
     fallback: bool = True
     notes: list[str] = field(default_factory=list)
     """What was assumed where the config was silent, and what the check cannot model."""
+    compile: CompileSpec | None = None
+    """torch.compile of the whole model (``compile:``); None: eager."""
 
     @property
     def world_size(self) -> int | None:

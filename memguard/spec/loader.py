@@ -3,6 +3,8 @@ is recorded (file, key, closest valid values) and loading goes on, so one run re
 
 from __future__ import annotations
 
+import dataclasses
+
 
 import contextlib
 import json
@@ -18,6 +20,7 @@ from memguard.device.catalog import lookup
 from memguard.plan import DEFAULT_MARGIN, KNOBS
 from memguard.precision import Precision
 from memguard.quantization import QuantScheme
+from memguard.trace.compiled import CompileSpec
 from memguard.spec.building import _Building, _show
 from memguard.spec.check_spec import CheckSpec, LoraSpec, Options
 from memguard.spec.problems import _Problems
@@ -135,9 +138,21 @@ class _Loader(_Building):
             if key in given:
                 mg[key] = given[key]
         gpus = given.get("gpus", gpus)
+        compiled = self.compile()
         if self.problems or model is None:
             return None
-        return self.build(model, data, trainer, lora, quantization, mg, gpus, optimizer)
+        spec = self.build(model, data, trainer, lora, quantization, mg, gpus, optimizer)
+        return dataclasses.replace(spec, compile=compiled) if spec is not None and compiled else spec
+
+    def compile(self) -> CompileSpec | None:
+        """``compile:`` (or ``trainer.compile:``): the run compiles the whole model with torch.compile."""
+        key = "compile" if "compile" in self.raw else "trainer.compile"
+        value = self.raw.get("compile", self.trainer_section.get("compile"))
+        try:
+            return CompileSpec.parse(value, where=key)
+        except InvalidArgumentError as exc:
+            self.problems.add(key, str(exc).removeprefix(key).lstrip(": "))
+            return None
 
     def data_hints(self) -> dict[str, int | None]:
         data = self.section("data")

@@ -37,6 +37,7 @@ SCHEMA: dict[str, dict[str, str]] = {
         "devices": "devices per node (an int, a list of indices or 'auto')",
         "num_nodes": "nodes",
         "strategy": "Lightning's strategy name, {deepspeed_config: ...} or {class_path: ...} (STRATEGY_KEYS)",
+        "compile": "the same as the top-level compile: key",
     },
     "lora": {
         "r": "LoRA rank",
@@ -61,7 +62,7 @@ OPTIMIZER_KEYS = {
 }
 """The keys of an ``optimizer:`` mapping (a string names a catalog optimizer directly)."""
 
-TOP_LEVEL = ("model", "data", "optimizer", "trainer", "gpu", "lora", "quantization", "memguard",
+TOP_LEVEL = ("model", "data", "optimizer", "trainer", "gpu", "lora", "quantization", "compile", "memguard",
              "lr_scheduler", "seed_everything", "ckpt_path")
 """Top-level keys: memguard's own plus LightningCLI's (``lr_scheduler``, ``seed_everything`` and
 ``ckpt_path`` are accepted and do not change memory)."""

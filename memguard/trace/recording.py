@@ -22,6 +22,7 @@ from memguard.trace import fake_rules
 from memguard.categories import Category
 from memguard.device.models import DeviceModel
 from memguard.trace.autograd_in_place import AutogradInPlace
+from memguard.trace.compiled import teach_rng_operators
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -48,6 +49,8 @@ class Trace:
     """Optimizer state a paged optimizer keeps in CUDA unified memory (never in ``events``)."""
     holders: list[int] = field(default_factory=list)
     holder_names: list[tuple[str, str]] = field(default_factory=list)
+    compiled: str = ""
+    """Which parts ran compiled and with which backend (``"compiled (inductor): whole model"``), or ""."""
     assumed_routing: bool = False
     """Whether routing decisions were assumed (see :mod:`memguard.trace.fake_rules`): the peak is then the
     balanced routing's, and a bound needs the skewed routing's trace too."""
@@ -348,18 +351,42 @@ class _Recorder:
         self._module = self._stack.pop() if self._stack else -1
         self._mark(self._module if self._module >= 0 else self._context)
 
-    def watch(self, model: nn.Module) -> None:
+    def watch(self, model: nn.Module, compiled: list[str] = ()) -> None:
         """Attribute what ``model``'s modules allocate to their paths, and each parameter, buffer (and so
-        gradient and optimizer state) to the module that owns it. Hooks go on memguard's copy only."""
+        gradient and optimizer state) to the module that owns it. Hooks go on memguard's copy only.
+
+        Modules at or under a ``compiled`` path get no hooks: dynamo would trace them into the graph or
+        break it there, and the compiled step would differ from the user's (see :meth:`attributed`)."""
         leave = self._leave
         for path, module in model.named_modules():
             owner = self._owner_id(path or ROOT)
-            module.register_forward_pre_hook(functools.partial(self._enter, owner))
-            module.register_forward_hook(leave, always_call=True)
+            inside = any(path == c or path.startswith(c + ".") or not c for c in compiled)
+            if not inside:
+                module.register_forward_pre_hook(functools.partial(self._enter, owner))
+                module.register_forward_hook(leave, always_call=True)
             for tensors in (module._parameters, module._buffers):
                 for t in tensors.values():
                     if t is not None and self._owner_of(t) is None:
                         self._param_owner[id(t)] = (owner, weakref.ref(t))
+
+    def watch_compiled(self, wrapper: nn.Module, path: str) -> None:
+        """Attribute what a compiled module (``wrapper``, torch.compile's module) allocates to ``path``."""
+        wrapper.register_forward_pre_hook(functools.partial(self._enter, self._owner_id(path or ROOT)))
+        wrapper.register_forward_hook(self._leave, always_call=True)
+
+    def attributed(self, path: str, call: Callable) -> Callable:
+        """``call`` (a compiled module's call) with what it allocates attributed to the module at ``path``,
+        from outside the compiled code."""
+        owner = self._owner_id(path or ROOT)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            self._enter(owner, None, args)
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self._leave(None, args, None)
+
+        return run
 
     def _owner_of(self, tensor: torch.Tensor) -> int | None:
         """The module owning parameter or buffer ``tensor`` (None if :meth:`watch` never saw it)."""
@@ -448,18 +475,28 @@ class _RecordingMode(TorchDispatchMode):
         self.skip_host_tensors = False
         self.assumptions = fake_rules.Assumptions()
         self.in_place = AutogradInPlace()
+        self.compiling = False
+
+    def ignore_compile_internals(self) -> bool:
+        """While the twin's compiled parts run (``compiling``), torch.compile compiles them with this mode
+        switched off and runs the compiled code under it: the recorder sees what the compiled code allocates,
+        not what compiling does. Otherwise dynamo skips compiled code under a dispatch mode (eager)."""
+        return self.compiling
 
     @contextlib.contextmanager
     def optimizer_running(self) -> Iterator[None]:
         """The optimizer runs on meta stand-ins: reading a step counter is allowed (see below), and on a GPU
-        target any real CPU tensor it makes (torch's step counters) is host memory, not device memory."""
+        target any real CPU tensor it makes (torch's step counters) is host memory, not device memory.
+        Libraries' own compiled optimizer updates run eagerly here (their memory is modelled per library)."""
         self.scalar_reads_ok = True
         self.skip_host_tensors = not self.device.host_is_device
+        compiling, self.compiling = self.compiling, False
         try:
             yield
         finally:
             self.scalar_reads_ok = False
             self.skip_host_tensors = False
+            self.compiling = compiling
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -494,3 +531,6 @@ class _RecordingMode(TorchDispatchMode):
         if extra.persistent:
             self.recorder.persistent(extra.persistent, Category.WORKSPACE, _workspace_kind(func))
         return out
+
+
+teach_rng_operators(_RecordingMode)

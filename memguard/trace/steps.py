@@ -19,6 +19,7 @@ from memguard.device.models import DeviceModel
 from memguard.errors import TraceError
 from memguard.trace.library_branches import eager_branches, eager_module_conversion
 from memguard.trace.recording import Trace, _Recorder, _RecordingMode
+from memguard.trace.compiled import BACKENDS, CompileSpec, analysable, describe_parts, dropped_options, inductor_on_fakes
 from memguard.trace.twin import recorded_twin
 
 
@@ -484,22 +485,42 @@ def trace_training(
     device: DeviceModel | None = None,
     shared: tuple = (),
     reuse: _Slot | None = None,
+    compile: CompileSpec | bool | None = False,
 ) -> Trace:
     """Trace ``program`` on a fake twin of ``model``; the user's model and batch are left untouched.
 
     ``prepare`` runs on the twin before tracing (enable checkpointing, train mode...). ``device`` adds
     the target's hidden kernel memory per operator and swaps in its kernels (see device.py). ``reuse``
     (a :meth:`TraceCache.slot`) replays step 1's forward and backward from an earlier trace of the same
-    model, batch, precision and preparation, or records them for the next one.
+    model, batch, precision and preparation, or records them for the next one. ``compile`` says which parts
+    run compiled (see :func:`memguard.trace.twin.recorded_twin`); compiled parts run as torch.compile runs
+    them (:mod:`memguard.trace.compiled`), and the trace's notes say which.
     """
     device = device or DeviceModel()
     fake_mode = fake_rules.fake_mode()
-    twin, fbatch, recorder = recorded_twin(model, batch, fake_mode, param_dtype, shared, prepare)
+    twin, fbatch, recorder, parts = recorded_twin(model, batch, fake_mode, param_dtype, shared, prepare, compile)
     mode = _RecordingMode(recorder, device)
+    others = sorted({p.spec.backend for p in parts} - set(BACKENDS))
+    if others:
+        recorder.trace.notes.append(f"torch.compile backend {', '.join(others)} cannot run on fake tensors: "
+                                    "those parts are predicted as eager execution")
+    parts = analysable(parts)
+    mode.compiling = bool(parts)
     rng_states = _counted_rng_states(recorder) if device.host_is_device else contextlib.nullcontext()
-    with fake_mode, mode, device.kernel_mode(), rng_states, eager_branches(), eager_module_conversion():
+    # The CUDA kernel swaps are Python-level patches dynamo would trace into the graph: a compiled step
+    # runs the compiled code torch generates instead (see memguard/trace/compiled.py for what that means).
+    kernels = device.kernel_mode() if not parts else contextlib.nullcontext()
+    compiler = inductor_on_fakes() if parts else contextlib.nullcontext()
+    with compiler, fake_mode, mode, kernels, rng_states, eager_branches(), eager_module_conversion():
         run_steps(twin, fbatch, make_optimizer, program, recorder, mode, reuse)
     trace = recorder.finish()
+    if parts:
+        trace.compiled = describe_parts(parts)
+        dropped = dropped_options(parts)
+        if dropped:
+            trace.notes.append(f"torch.compile options not modelled (they need real kernels): {', '.join(dropped)}"
+                               + ("; CUDA graphs keep their own memory pool, not included" if
+                                  "triton.cudagraphs" in dropped else ""))
     trace.notes.extend(mode.assumptions.notes)
     trace.assumed_routing = mode.assumptions.routed
     del twin, fbatch

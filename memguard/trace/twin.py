@@ -12,6 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from memguard.trace import fake_rules
+from memguard.trace.compiled import CompiledPart, CompileSpec, compile_twin, find_compiled, uncompile
 from memguard.categories import Category
 from memguard.errors import TraceError
 from memguard.trace.recording import BATCH, _Recorder
@@ -28,21 +29,31 @@ def _fake_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
 
 
 def recorded_twin(model: nn.Module, batch: Any, mode: FakeTensorMode, param_dtype: torch.dtype | None,
-                  shared: tuple, prepare: Any) -> tuple[nn.Module, Any, _Recorder]:
+                  shared: tuple, prepare: Any, compile: CompileSpec | bool | None = False,
+                  ) -> tuple[nn.Module, Any, _Recorder, list[CompiledPart]]:
     """The fake twin of ``model`` in train mode, prepared (``prepare`` runs under ``mode``: layers it creates
-    must be fake too), its fake batch, and a recorder that already holds both as the setup phase. Every
-    tracer starts here (one process, or one rank of a sharded run)."""
-    twin = fake_model_copy(model, mode, param_dtype, shared)
+    must be fake too), its fake batch, a recorder that already holds both as the setup phase, and the parts
+    of the twin that run compiled. Every tracer starts here (one process, or one rank of a sharded run).
+
+    The twin's parts are compiled as the user's model compiles them when ``compile`` is None, the whole twin
+    with ``compile``'s spec when the model has no compiled part, and nothing when ``compile`` is False (see
+    :mod:`memguard.trace.compiled`)."""
+    found = find_compiled(model)  # read on the user's model: a deep copy drops ``module.compile()``
+    twin, _ = uncompile(fake_model_copy(model, mode, param_dtype, shared))
     twin.train()
     if prepare is not None:
         with mode:
             prepare(twin)
+    parts: list[CompiledPart] = []
+    if compile is not False:
+        parts = found or ([CompiledPart("", compile)] if isinstance(compile, CompileSpec) else [])
     fbatch = fake_batch(batch, mode, param_dtype)
     recorder = _Recorder()
     recorder.phase("setup")
-    recorder.watch(twin)
+    recorder.watch(twin, compiled=[p.path for p in parts])
     track_model_and_batch(recorder, twin, fbatch)
-    return twin, fbatch, recorder
+    twin = compile_twin(twin, parts, around=recorder.attributed, hooks=recorder.watch_compiled)
+    return twin, fbatch, recorder, parts
 
 
 def fake_model_copy(
