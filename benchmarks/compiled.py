@@ -65,14 +65,14 @@ def _hf_batch() -> dict:
 CASES = [
     # name, model factory, batch, loss_fn, compile_fn, precision
     ("gated MLP stack (fused pointwise chain)", lambda: nn.Sequential(GatedBlock(), GatedBlock()),
-     lambda: torch.randn(8, 64, 128), None, torch.compile, "32-true"),
+     lambda: torch.randn(8, 64, 64), None, torch.compile, "32-true"),
     ("4-block LayerNorm/MLP stack, batch 4096", lambda: nn.Sequential(*[nn.Sequential(
         nn.LayerNorm(256), nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256)) for _ in range(4)]),
      lambda: torch.randn(4096, 256), None, torch.compile, "32-true"),
     ("decoder with SDPA", Decoder, lambda: TOKENS, decoder_loss, torch.compile, "32-true"),
     ("conv net with BatchNorm", ConvNet, lambda: torch.randn(8, 3, 32, 32), None, torch.compile, "32-true"),
     ("gated MLP stack, bf16-mixed", lambda: nn.Sequential(GatedBlock(), GatedBlock()),
-     lambda: torch.randn(8, 64, 128), None, torch.compile, "bf16-mixed"),
+     lambda: torch.randn(8, 64, 64), None, torch.compile, "bf16-mixed"),
     ("decoder, checkpointed blocks", lambda: Decoder(checkpointed=True), lambda: TOKENS, decoder_loss,
      torch.compile, "32-true"),
     ("decoder, per-block compile", Decoder, lambda: TOKENS, decoder_loss, per_block, "32-true"),
