@@ -245,3 +245,10 @@ def test_transformers_torch_compile_arguments_are_read(tmp_path) -> None:
     spec = CompileSpec.parse(_compile_of(args))
     assert spec.backend == "inductor" and spec.options["max_autotune"] is True
     assert _compile_of(TrainingArguments(output_dir=str(tmp_path), report_to=[])) is None
+
+
+def test_a_distributed_strategy_says_the_compiled_model_is_predicted_eager() -> None:
+    model = nn.Sequential(GatedBlock())
+    est = memguard.estimate(torch.compile(model), torch.randn(2, 8, 64), optimizer="adamw", device="cpu",
+                            strategy="ddp", world_size=2)
+    assert any("distributed strategy is predicted as eager" in n for n in est.notes), est.notes
