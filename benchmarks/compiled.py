@@ -133,7 +133,8 @@ def main() -> None:
     rows = accuracy_rows()
     notes = ["MiB of live tensor bytes at the peak of two AdamW steps on the CPU; error = (predicted - real) / real.",
              "Eager columns: the model run and estimated without compile. Compiled columns: the real step compiled "
-             "with inductor (compiled once outside the measured window) and memguard's estimate of the compiled model.",
+             "with inductor (compiled at its first forward, inside the measured window) and memguard's estimate of "
+             "the compiled model.",
              ""]
     if not args.skip_llama:
         llama = llama_rows()
