@@ -252,3 +252,13 @@ def test_a_distributed_strategy_says_the_compiled_model_is_predicted_eager() -> 
     est = memguard.estimate(torch.compile(model), torch.randn(2, 8, 64), optimizer="adamw", device="cpu",
                             strategy="ddp", world_size=2)
     assert any("distributed strategy is predicted as eager" in n for n in est.notes), est.notes
+
+
+def test_the_real_compiled_run_after_an_estimate_computes_what_eager_computes() -> None:
+    """memguard's analysis compiles with no-op kernels: nothing of it may be reused by the user's real compile."""
+    torch.manual_seed(0)
+    model = nn.Sequential(GatedBlock(), nn.Linear(64, 8))
+    batch = torch.randn(4, 16, 64)
+    memguard.estimate(torch.compile(model), batch, optimizer="adamw", device="cpu")
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(batch), model(batch))

@@ -26,7 +26,7 @@ from memguard.device.models import DeviceModel
 from memguard.errors import TraceError
 from memguard.trace import StepProgram, Trace
 from memguard.trace.recording import _Recorder, _RecordingMode
-from memguard.trace.steps import _counted_rng_states, run_steps
+from memguard.trace.steps import _counted_rng_states, _no_gc, run_steps
 from memguard.trace.twin import recorded_twin
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def trace_wrapped(
         twin, fbatch, recorder, _ = recorded_twin(model, batch, fake_mode, param_dtype, shared, prepare)
         mode = _ShardedRecordingMode(recorder, device, fake_mode)
         rng_states = _counted_rng_states(recorder) if device.host_is_device else contextlib.nullcontext()
-        with fake_mode, mode, _tracking_resizes(recorder), device.kernel_mode(), rng_states:
+        with fake_mode, mode, _tracking_resizes(recorder), device.kernel_mode(), rng_states, _no_gc():
             recorder.phase("wrap")
             try:
                 wrapped = wrap(twin)

@@ -5,6 +5,7 @@ the entry point."""
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -474,6 +475,20 @@ def _counted_rng_states(recorder: _Recorder) -> Iterator[None]:
         torch.get_rng_state = original
 
 
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """No cyclic garbage collection while tracing: a tensor held in a reference cycle (compiled code's
+    runtime wrappers make some) is freed when the collector happens to run, which differs from run to run.
+    Kept until the trace ends, it is never freed earlier than in the real run, and the trace repeats."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def trace_training(
     model: nn.Module,
     batch: Any,
@@ -511,7 +526,7 @@ def trace_training(
     # runs the compiled code torch generates instead (see memguard/trace/compiled.py for what that means).
     kernels = device.kernel_mode() if not parts else contextlib.nullcontext()
     compiler = inductor_on_fakes() if parts else contextlib.nullcontext()
-    with compiler, fake_mode, mode, kernels, rng_states, eager_branches(), eager_module_conversion():
+    with compiler, fake_mode, mode, kernels, rng_states, eager_branches(), eager_module_conversion(), _no_gc():
         run_steps(twin, fbatch, make_optimizer, program, recorder, mode, reuse)
     trace = recorder.finish()
     if parts:
