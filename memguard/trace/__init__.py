@@ -11,7 +11,7 @@ The result, :class:`Trace`, is device-neutral raw bytes in program order. Device
 workspaces).
 
 The package: recording.py (Trace, the recorder and its dispatch mode), twin.py (the fake twin), steps.py (the
-step loop and :func:`trace_training`), and the places the trace departs from plain fake tensors:
+step loop and :func:`trace_training`), compiled.py (torch.compile'd parts run through torch's own compiler), and the places the trace departs from plain fake tensors:
 fake_rules.py (values and kernels), library_branches.py (libraries that branch on fake tensors) and
 autograd_in_place.py (what autograd does in place only for plain tensors).
 """
