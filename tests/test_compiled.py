@@ -160,6 +160,10 @@ def test_compile_spec_reads_what_torch_compile_was_given() -> None:
     assert CompileSpec.parse({"mode": "max-autotune"}).options["max_autotune"] is True
     with pytest.raises(memguard.InvalidArgumentError, match="compile: mode must be one of"):
         CompileSpec.parse({"mode": "fastest"})
+    with pytest.raises(memguard.InvalidArgumentError, match="compile: unknown torch.compile backend or mode "
+                                                            "'inductr'. Did you mean 'inductor'"):
+        CompileSpec.parse("inductr")
+    assert CompileSpec.parse("aot_eager").backend == "aot_eager"
 
 
 def test_a_backend_memguard_cannot_run_is_predicted_eager_and_says_so() -> None:

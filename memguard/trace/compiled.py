@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memguard.errors import InvalidArgumentError
+from memguard.errors import InvalidArgumentError, unknown_name
 
 BACKENDS = ("inductor", "aot_eager", "eager")
 """The backends memguard runs on fake tensors; others are traced eagerly with a note."""
@@ -76,7 +76,7 @@ class CompileSpec:
         if isinstance(value, str):
             if value in _MODES:
                 return CompileSpec(options=_mode_options(value))
-            return CompileSpec(backend=value)
+            return CompileSpec(backend=_backend_name(value, where))
         if isinstance(value, dict):
             unknown = set(value) - {"backend", "mode", "fullgraph", "dynamic", "options"}
             if unknown:
@@ -87,7 +87,8 @@ class CompileSpec:
                 raise InvalidArgumentError(f"{where}: mode must be one of {', '.join(_MODES)}, got {mode!r}")
             options = dict(_mode_options(mode) if mode else {})
             options.update(value.get("options") or {})
-            return CompileSpec(backend=str(value.get("backend", "inductor")), options=options,
+            backend = _backend_name(str(value.get("backend", "inductor")), f"{where}.backend")
+            return CompileSpec(backend=backend, options=options,
                                dynamic=value.get("dynamic"), fullgraph=bool(value.get("fullgraph", False)))
         raise InvalidArgumentError(f"{where} must be true/false, a backend name or a mapping, got "
                                    f"{type(value).__name__}")
@@ -103,6 +104,16 @@ class CompileSpec:
 
 
 _MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _backend_name(name: str, where: str) -> str:
+    """A backend torch.compile knows by name (memguard runs :data:`BACKENDS`; others are predicted eager)."""
+    from torch._dynamo import list_backends
+
+    if name not in set(list_backends(exclude_tags=())) | set(BACKENDS):
+        shown = set(list_backends()) | set(BACKENDS) | set(_MODES)  # without torch's debugging backends
+        raise InvalidArgumentError(f"{where}: " + str(unknown_name("torch.compile backend or mode", name, shown)))
+    return name
 
 
 def _mode_options(mode: str) -> dict[str, Any]:
