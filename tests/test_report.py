@@ -22,6 +22,8 @@ from memguard.plan import required_bytes
 from memguard.results import EXIT_MEANINGS
 from memguard.units import format_bytes
 
+pytestmark = pytest.mark.xdist_group("test_report")  # its module-scoped fixtures run once, on one worker
+
 CAPACITY = 64 * 2**20
 
 
