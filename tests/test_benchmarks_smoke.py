@@ -14,8 +14,6 @@ import torch
 from groundtruth import measure_peak
 from zoo import Decoder, FrozenBackbone, _ids
 
-pytestmark = pytest.mark.xdist_group("test_benchmarks_smoke")  # its module-scoped fixtures run once, on one worker
-
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 GPU_VALIDATE = BENCH / "gpu_validate.py"

@@ -21,9 +21,6 @@ from memguard.device.cuda_kernels import _CudaKernels
 from memguard.device.models import CUDADevice
 from memguard.trace import StepProgram, trace_training
 
-pytestmark = pytest.mark.xdist_group("test_device")  # its module-scoped fixtures run once, on one worker
-
-
 # ---------------------------------------------------------------------------------------------------------
 # CUDA autocast's op lists
 

@@ -43,9 +43,6 @@ from memguard.estimation.distributed import (
 )
 from zoo import Block, Decoder, _ids
 
-pytestmark = pytest.mark.xdist_group("test_distributed")  # its module-scoped fixtures run once, on one worker
-
-
 WORKER = Path(__file__).with_name("dist_worker.py")
 MODEL = {"d": 64, "layers": 4}
 BATCH = (8, 128)

@@ -22,8 +22,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_measurements as gm  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("test_gpu_measurements")  # its module-scoped fixtures run once, on one worker
-
 DATA = gm.load()
 MEASUREMENTS = {e["id"]: e for e in DATA["measurements"]}
 OOMS = {e["id"]: e for e in DATA["oom_observations"]}

@@ -19,8 +19,6 @@ from memguard.categories import ALLOCATED_CATEGORIES, Category
 from memguard.results import Estimate
 from memguard.trace import SAVED, StepProgram, TraceCache, trace_training
 
-pytestmark = pytest.mark.xdist_group("test_holders")  # its module-scoped fixtures run once, on one worker
-
 
 class Block(nn.Module):
     """A residual MLP block: the repeated unit of the stack."""

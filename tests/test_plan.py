@@ -10,8 +10,6 @@ from memguard.plan import TrainingConfig, _candidates, estimator, plan, required
 from groundtruth import measure_peak
 from zoo import Decoder, _ids
 
-pytestmark = pytest.mark.xdist_group("test_plan")  # its module-scoped fixtures run once, on one worker
-
 TORCH_ONLY = ("adafactor",)  # optimizers whose real CPU run the ground truth can replay here
 BATCH = _ids(4, 64)
 BASE = TrainingConfig(precision="32-true", optimizer="adamw", micro_batch_size=4)

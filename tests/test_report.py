@@ -22,8 +22,6 @@ from memguard.plan import required_bytes
 from memguard.results import EXIT_MEANINGS
 from memguard.units import format_bytes
 
-pytestmark = pytest.mark.xdist_group("test_report")  # its module-scoped fixtures run once, on one worker
-
 CAPACITY = 64 * 2**20
 
 
