@@ -110,9 +110,8 @@ def test_auto_swaps_optimizer_and_turns_on_checkpointing() -> None:
     _train(model, new_opt, decision)
 
 
-# The torchao swaps go through the same decision.apply as the others; tests/test_optimizers.py trains every
-# choice after the swap and the callback test swaps to torchao in a real fit, so the plain loop runs the
-# optimizers that need no compiling.
+# The torchao swaps go through the same rebuild as the others; tests/test_optimizers.py rebuilds and trains
+# every choice, so the plain loop here runs the optimizers whose step needs no compiling.
 @pytest.mark.parametrize("name", [n for n in OPTIMIZER_CHOICES if not n.startswith("ao_")])
 def test_apply_swaps_to_each_optimizer_the_planner_can_choose(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if not available(name):
