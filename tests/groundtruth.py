@@ -136,12 +136,6 @@ def measure_compiled_peak(model: torch.nn.Module, batch, make_optimizer=None, *,
     return measure_peak(model, batch, make_optimizer, wrap=compile_fn, **kwargs)
 
 
-def _default_loss():
-    from memguard.trace import default_loss_fn  # the call convention only, not the tracer
-
-    return default_loss_fn
-
-
 def live_peak(events: list) -> int:
     """The peak of bytes allocated inside the window and still alive, from each event's address: a free
     of a block allocated before the window (earlier work's garbage) does not count, where the allocator's

@@ -83,13 +83,13 @@ def estimate_one(model: nn.Module, batch: Any, req: EstimateRequest,
                _device_key(dev), req.loss_fn, req.prepare_model, req.zero_grad_before_backward,
                min(req.accumulate_grad_batches, TRACED_MICRO_BATCHES), tuple(id(obj) for obj in req.shared))
         reuse["reuse"] = req.trace_cache.slot(key)
-    if tracer is not None and req.compile is not False and (isinstance(req.compile, CompileSpec) or find_compiled(model)):
+    compiled_run = req.compile is not False and (isinstance(req.compile, CompileSpec) or bool(find_compiled(model)))
+    if tracer is not None and compiled_run:
         notes.append("torch.compile under a distributed strategy is predicted as eager execution (the compiled "
                      "analysis covers one process)")
     tracer = tracer or trace_training
     kwargs = dict(reuse)
-    compiling = (tracer is trace_training and req.compile is not False
-                 and bool(isinstance(req.compile, CompileSpec) or find_compiled(model)))
+    compiling = tracer is trace_training and compiled_run
     if tracer is trace_training:
         kwargs["compile"] = req.compile if compiling else False
     while True:

@@ -223,13 +223,14 @@ def find_compiled(model: nn.Module) -> list[CompiledPart]:
     return _parts(model, strip=False)[1]
 
 
-def uncompile(model: nn.Module) -> tuple[nn.Module, list[CompiledPart]]:
+def uncompile(model: nn.Module) -> nn.Module:
     """Strip every torch.compile wrapper from ``model`` (memguard's twin, never the user's model), returning
-    the plain module tree and the parts that were compiled, by their path in the plain tree.
+    the plain module tree. Which parts were compiled is read from the user's model (:func:`find_compiled`):
+    a deep copy already drops ``module.compile()``.
 
     A deep-copied wrapper would still call the user's own module: an ``OptimizedModule`` and Lightning's
     compiled step methods hold the original bound methods in closures that a deep copy does not rewrite."""
-    return _parts(model, strip=True)
+    return _parts(model, strip=True)[0]
 
 
 def describe_parts(parts: list[CompiledPart]) -> str:
@@ -252,8 +253,20 @@ def analysable(parts: list[CompiledPart]) -> list[CompiledPart]:
     return [p for p in parts if p.spec.backend in BACKENDS]
 
 
-def dropped_options(parts: list[CompiledPart]) -> list[str]:
-    return sorted({k for p in parts for k, v in p.spec.options.items() if k in _DROPPED_OPTIONS and v})
+def compile_notes(parts: list[CompiledPart]) -> list[str]:
+    """What an estimate must say about how its compiled parts were analysed: backends run as eager, options
+    left out."""
+    notes = []
+    others = sorted({p.spec.backend for p in parts} - set(BACKENDS))
+    if others:
+        notes.append(f"torch.compile backend {', '.join(others)} cannot run on fake tensors: those parts are "
+                     "predicted as eager execution")
+    dropped = sorted({k for p in analysable(parts) for k, v in p.spec.options.items() if k in _DROPPED_OPTIONS and v})
+    if dropped:
+        notes.append(f"torch.compile options not modelled (they need real kernels): {', '.join(dropped)}"
+                     + ("; CUDA graphs keep their own memory pool, not included" if "triton.cudagraphs" in dropped
+                        else ""))
+    return notes
 
 
 def _backend(spec: CompileSpec) -> Any:

@@ -20,7 +20,7 @@ from memguard.device.models import DeviceModel
 from memguard.errors import TraceError
 from memguard.trace.library_branches import eager_branches, eager_module_conversion
 from memguard.trace.recording import Trace, _Recorder, _RecordingMode
-from memguard.trace.compiled import BACKENDS, CompileSpec, analysable, describe_parts, dropped_options, inductor_on_fakes
+from memguard.trace.compiled import CompileSpec, analysable, compile_notes, describe_parts, inductor_on_fakes
 from memguard.trace.twin import recorded_twin
 
 
@@ -515,10 +515,7 @@ def trace_training(
     fake_mode = fake_rules.fake_mode()
     twin, fbatch, recorder, parts = recorded_twin(model, batch, fake_mode, param_dtype, shared, prepare, compile)
     mode = _RecordingMode(recorder, device)
-    others = sorted({p.spec.backend for p in parts} - set(BACKENDS))
-    if others:
-        recorder.trace.notes.append(f"torch.compile backend {', '.join(others)} cannot run on fake tensors: "
-                                    "those parts are predicted as eager execution")
+    recorder.trace.notes.extend(compile_notes(parts))
     parts = analysable(parts)
     mode.compiling = bool(parts)
     rng_states = _counted_rng_states(recorder) if device.host_is_device else contextlib.nullcontext()
@@ -529,13 +526,7 @@ def trace_training(
     with compiler, fake_mode, mode, kernels, rng_states, eager_branches(), eager_module_conversion(), _no_gc():
         run_steps(twin, fbatch, make_optimizer, program, recorder, mode, reuse)
     trace = recorder.finish()
-    if parts:
-        trace.compiled = describe_parts(parts)
-        dropped = dropped_options(parts)
-        if dropped:
-            trace.notes.append(f"torch.compile options not modelled (they need real kernels): {', '.join(dropped)}"
-                               + ("; CUDA graphs keep their own memory pool, not included" if
-                                  "triton.cudagraphs" in dropped else ""))
+    trace.compiled = describe_parts(parts)
     trace.notes.extend(mode.assumptions.notes)
     trace.assumed_routing = mode.assumptions.routed
     del twin, fbatch

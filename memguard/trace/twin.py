@@ -39,7 +39,7 @@ def recorded_twin(model: nn.Module, batch: Any, mode: FakeTensorMode, param_dtyp
     with ``compile``'s spec when the model has no compiled part, and nothing when ``compile`` is False (see
     :mod:`memguard.trace.compiled`)."""
     found = find_compiled(model)  # read on the user's model: a deep copy drops ``module.compile()``
-    twin, _ = uncompile(fake_model_copy(model, mode, param_dtype, shared))
+    twin = uncompile(fake_model_copy(model, mode, param_dtype, shared))
     twin.train()
     if prepare is not None:
         with mode:
