@@ -2,7 +2,8 @@
 
 Each model trains two AdamW steps on the CPU, eagerly and compiled with inductor; the truth is the peak of
 live tensor bytes (tests/groundtruth.py, torch.profiler allocator events). Then the time of a compiled and
-an eager estimate of Llama-2-7B (batch 1 x 512, bf16-mixed, AdamW, device "cuda", on the meta device).
+an eager estimate of Llama-2-7B (batch 1 x 512, bf16-mixed, AdamW, device "cuda", on the meta device), the
+compiled one both with its 32 identical blocks analysed once (the default) and with every block analysed.
 
 Usage: python benchmarks/compiled.py [--skip-llama]      Writes benchmarks/results/compiled.md.
 """
@@ -25,6 +26,7 @@ warnings.filterwarnings("ignore")
 
 import memguard  # noqa: E402
 from _common import llama_on_meta, write_table  # noqa: E402
+from memguard.estimation import EstimateRequest, estimate_one  # noqa: E402
 from groundtruth import measure_compiled_peak, measure_peak  # noqa: E402
 from test_compiled import TOKENS, ConvNet, Decoder, GatedBlock, decoder_loss  # noqa: E402
 
@@ -43,18 +45,18 @@ def hf_loss(model, batch):
     return model(**batch).loss
 
 
-def _llama_tiny() -> nn.Module:
+def _llama_tiny(layers: int = 2) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     return LlamaForCausalLM(cfg)
 
 
-def _gpt2_tiny() -> nn.Module:
+def _gpt2_tiny(layers: int = 2) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=128, n_layer=2, n_head=4, n_positions=256))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=128, n_layer=layers, n_head=4, n_positions=256))
 
 
 def _hf_batch() -> dict:
@@ -81,6 +83,11 @@ CASES = [
      torch.compile, "32-true"),
     ("transformers Llama (2 layers, d=128)", _llama_tiny, _hf_batch, hf_loss, torch.compile, "32-true"),
     ("transformers GPT-2 (2 layers, d=128)", _gpt2_tiny, _hf_batch, hf_loss, torch.compile, "32-true"),
+    # deep enough for identical blocks to be analysed once (memguard/estimation/repeated.py)
+    ("decoder (8 layers)", lambda: Decoder(layers=8), lambda: TOKENS, decoder_loss, torch.compile, "32-true"),
+    ("transformers Llama (8 layers, d=128)", lambda: _llama_tiny(8), _hf_batch, hf_loss, torch.compile, "32-true"),
+    ("transformers GPT-2 (8 layers, d=128), bf16-mixed", lambda: _gpt2_tiny(8), _hf_batch, hf_loss, torch.compile,
+     "bf16-mixed"),
 ]
 
 
@@ -106,9 +113,14 @@ def accuracy_rows() -> list[list[str]]:
         compiled = memguard.estimate(compile_fn(copy.deepcopy(model)), batch, **kwargs)
         rows.append([name, _mib(eager_truth), _mib(eager.peak_bytes), _err(eager.peak_bytes, eager_truth),
                      _mib(compiled_truth), _mib(compiled.peak_bytes), _err(compiled.peak_bytes, compiled_truth),
-                     compiled.compiled.removeprefix("compiled ") or "eager (fallback)"])
+                     (compiled.compiled.removeprefix("compiled ") or "eager (fallback)")
+                     + ("; blocks analysed once" if _extended(compiled) else "")])
         print(rows[-1], flush=True)
     return rows
+
+
+def _extended(est: memguard.Estimate) -> bool:
+    return any(n.startswith("identical blocks analysed once") for n in est.notes)
 
 
 def llama_rows() -> list[list[str]]:
@@ -116,12 +128,17 @@ def llama_rows() -> list[list[str]]:
     ids = torch.zeros(1, 512, dtype=torch.long, device="meta")
     kwargs = dict(optimizer="adamw", precision="bf16-mixed", device="cuda", gpu="H100",
                   loss_fn=lambda m, b: m(input_ids=b, labels=b).loss)
+    whole_graph = lambda: estimate_one(model, ids, EstimateRequest(compile=True, **kwargs))  # noqa: E731
+    runs = (("eager", lambda: memguard.estimate(model, ids, compile=False, **kwargs)),
+            ("compiled (inductor), identical blocks analysed once", lambda: memguard.estimate(model, ids, compile=True,
+                                                                                             **kwargs)),
+            ("compiled (inductor), every block analysed", whole_graph))
     rows = []
-    for label, compile_ in (("eager", False), ("compiled (inductor)", True)):
+    for label, run in runs:
         started = time.perf_counter()
-        est = memguard.estimate(model, ids, compile=compile_, **kwargs)
-        rows.append([label, f"{time.perf_counter() - started:.1f}", f"{est.peak_bytes / 2**30:.2f}",
-                     est.compiled or "eager"])
+        est = run()
+        rows.append([label, f"{time.perf_counter() - started:.1f}", f"{est.peak_bytes / 2**30:.3f}",
+                     f"{est.reserved_bytes / 2**30:.3f}"])
         print(rows[-1], flush=True)
     return rows
 
@@ -130,17 +147,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-llama", action="store_true")
     args = parser.parse_args()
+    llama = [] if args.skip_llama else llama_rows()  # first: a fresh process, nothing compiled before
     rows = accuracy_rows()
     notes = ["MiB of live tensor bytes at the peak of two AdamW steps on the CPU; error = (predicted - real) / real.",
              "Eager columns: the model run and estimated without compile. Compiled columns: the real step compiled "
              "with inductor (compiled at its first forward, inside the measured window) and memguard's estimate of "
-             "the compiled model.",
+             "the compiled model. Each real compiled run starts from reset dynamo caches, as a training process "
+             "that compiles its model once.",
              ""]
-    if not args.skip_llama:
-        llama = llama_rows()
+    if llama:
         notes += ["Llama-2-7B on the meta device, batch 1 x 512, bf16-mixed, AdamW, device cuda (H100): seconds "
-                  "per estimate on this machine.", "",
-                  "| step | seconds | predicted peak (GiB) | predicted as |", "|---|---|---|---|"]
+                  "per estimate on this machine, run first in a fresh process (the compiled estimates after the eager "
+                  "one; the first pays for loading inductor).", "",
+                  "| estimate | seconds | predicted peak (GiB) | predicted reserved (GiB) |", "|---|---|---|---|"]
         notes += ["| " + " | ".join(r) + " |" for r in llama]
     print(write_table("compiled.md", "torch.compile: compiled and eager predictions against the real CPU peaks",
                       ["model", "eager real", "eager predicted", "error", "compiled real", "compiled predicted",

@@ -14,6 +14,7 @@ from torch import nn
 from memguard.device.models import DeviceModel
 from memguard.errors import InvalidArgumentError
 from memguard.estimation.distributed import estimate_ranks
+from memguard.estimation.repeated import estimate_by_depth
 from memguard.estimation.request import EstimateRequest
 from memguard.estimation.single import estimate_one, step_order, summarize
 from memguard.precision import Precision
@@ -95,7 +96,7 @@ def estimate(
         raise InvalidArgumentError(f"on_untraceable must be 'raise' or 'bound', got {on_untraceable!r}")
     if req.distributed:
         return estimate_ranks(model, batch, req)
-    return estimate_one(model, batch, req)
+    return estimate_by_depth(model, batch, req, estimate_one) or estimate_one(model, batch, req)
 
 
 __all__ = ["Estimate", "EstimateRequest", "estimate", "estimate_one", "step_order", "summarize"]

@@ -341,7 +341,12 @@ def _reinterpret(tensor: torch.Tensor, size: Any, stride: Any, offset: int = 0) 
 def inductor_on_fakes() -> Iterator[None]:
     """While active, inductor compiles without building kernels and its generated code allocates through
     the dispatcher (a fake tensor per buffer). Caches are off so that nothing compiled here is reused by a
-    real run, and the wrapper modules loaded here are forgotten afterwards."""
+    real run, and the wrapper modules loaded here are forgotten afterwards.
+
+    Kernels are generated scalar (``cpp.simdlen=1``): their code is thrown away, and vectorizing it costs
+    about a sixth of the analysis. Vectorization works inside a kernel (registers, loop tails); which
+    buffers exist, and when they are allocated and freed, is decided before it (fusion, the wrapper's
+    memory planning): benchmarks/results/compiled.md is unchanged to the byte."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
     from torch._inductor.async_compile import AsyncCompile
@@ -357,7 +362,7 @@ def inductor_on_fakes() -> Iterator[None]:
     guards._reinterpret_tensor = _reinterpret
     try:
         with inductor_config.patch(fx_graph_cache=False, fx_graph_remote_cache=False, autotune_local_cache=False,
-                                   compile_threads=1), \
+                                   compile_threads=1, **{"cpp.simdlen": 1}), \
                 functorch_config.patch(enable_autograd_cache=False):
             yield
     finally:
