@@ -26,6 +26,9 @@ _EXPORTS = {
     "TraceError": "memguard.errors",
     "TrainingConfig": "memguard.plan",
     "Plan": "memguard.plan",
+    "max_batch_size": "memguard.sizing",
+    "max_seq_len": "memguard.sizing",
+    "SizeResult": "memguard.sizing",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -136,6 +136,14 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("--batch-size", type=int, metavar="N", help="samples per batch (overrides the config)")
     check.add_argument("--seq-len", type=int, metavar="N", help="tokens per sample (overrides the config)")
     check.add_argument("--image-size", type=int, metavar="N", help="pixels per side (overrides the config)")
+    check.add_argument("--max-batch-size", action="store_true",
+                       help="also find the largest batch size that fits each GPU, as configured and with the plan")
+    check.add_argument("--min-gpus", action="store_true",
+                       help="also find the fewest GPUs of each model given that fit, per strategy (DDP, ZeRO-2, "
+                            "FSDP, ZeRO-3): devices on one node first (--devices sets how many a node has, "
+                            "default 8), then nodes")
+    check.add_argument("--max-seq-len", action="store_true",
+                       help="also find the longest sequence that fits each GPU, as configured and with the plan")
     check.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -296,6 +304,18 @@ def _cmd_check(args: argparse.Namespace) -> int:
                               batch_size=args.batch_size, seq_len=args.seq_len, image_size=args.image_size)
             spec = load_config(args.config, args.set, options)
         result = run_check(spec)
+        for flag, knob in ((args.max_batch_size, "batch_size"), (args.max_seq_len, "seq_len")):
+            if flag:
+                from dataclasses import replace
+
+                from memguard.act.check import size_check
+
+                size_check(result, knob, lambda n, k=knob: load_config(args.config, args.set,
+                                                                        replace(options, **{k: n})))
+        if args.min_gpus:
+            from memguard.act.check import min_gpus
+
+            min_gpus(result, per_node=args.devices or 8)
     if args.json:
         print(json.dumps(report.to_json(result), indent=2))
     else:

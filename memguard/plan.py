@@ -308,6 +308,34 @@ _SHARDING = {
 cost and why: names of :data:`memguard.strategies.TABLE` (tests/test_strategies.py checks they are sharded)."""
 
 
+def change_fields(change: Change) -> dict[str, Any]:
+    """The configuration fields a plan's change sets (the inverse of :func:`_levels` for one change)."""
+    if change.knob == "precision":
+        return {"precision": change.after}
+    if change.knob == "optimizer":
+        return {"optimizer": change.after}
+    if change.knob == "checkpointing":
+        return {"gradient_checkpointing": change.after == "on"}
+    if change.knob == "offload":
+        return {"optimizer_offload": change.after == "on"}
+    if change.knob == "sharding":
+        return {"strategy": change.after}
+    if change.knob == "micro_batch":
+        size, _, acc = change.after.partition(" x ")
+        return {"micro_batch_size": int(size), "accumulate_grad_batches": int(acc)}
+    raise unknown_name("knob", change.knob, KNOBS)
+
+
+def change_label(change: Change) -> str:
+    """A change in a few words, for lists of cumulative changes: "bf16-mixed", "adamw8bit",
+    "checkpointing", "fsdp", "offload", "micro-batch 2 x 4"."""
+    if change.knob in ("checkpointing", "offload"):
+        return change.knob if change.after == "on" else f"no {change.knob}"
+    if change.knob == "micro_batch":
+        return f"micro-batch {change.after}"
+    return change.after
+
+
 def _levels(knob: str, base: TrainingConfig, bf16: bool, bf16_true: bool, optimizers: set[str],
             world_size: int = 1, strategy: str | None = None) -> list:
     if knob == "precision":
@@ -373,6 +401,26 @@ def slice_batch(batch: Any, size: int) -> Any:
     return tree_map(cut, batch)
 
 
+def resize_batch(batch: Any, size: int) -> Any:
+    """``batch`` with ``size`` samples: the first ``size`` (:func:`slice_batch`), or more, made by repeating
+    its samples. Floating-point tensors grow on the meta device (their shapes are what an estimate reads;
+    a 4096-image batch is not materialized); integer and boolean ones (token ids, masks, labels, whose
+    values the trace may read) repeat their rows."""
+    current = batch_size_of(batch)
+    if size <= current:
+        return slice_batch(batch, size)
+
+    def grow(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != current:
+            return x
+        shape = (size, *x.shape[1:])
+        if x.is_floating_point() or x.is_complex() or x.device.type == "meta":
+            return torch.empty(shape, dtype=x.dtype, device="meta")
+        return x[torch.arange(size, device=x.device) % current].clone()
+
+    return tree_map(grow, batch)
+
+
 def batch_size_of(batch: Any) -> int:
     """The leading dimension shared by the batch's tensors (1 when it has none)."""
     sizes = {x.shape[0] for x in tree_flatten(batch)[0] if isinstance(x, torch.Tensor) and x.dim() > 0}
@@ -388,7 +436,8 @@ def estimator(
     **fixed: Any,
 ) -> Evaluate:
     """An :data:`Evaluate` over ``estimate()``, memoised per configuration: each configuration gets its own
-    estimate (micro-batches are sliced from ``batch``); ``fixed`` passes the settings the planner does not
+    estimate (micro-batches are sliced from ``batch``, larger ones grown from it: :func:`resize_batch`);
+    ``fixed`` passes the settings the planner does not
     change (device, loss_fn, quantization, step order...).
 
     ``optimizers`` maps a configuration's optimizer name to the estimate() arguments that stand for it
@@ -412,7 +461,7 @@ def estimator(
             settings = {**fixed, "strategy": config.strategy} if config.strategy is not None else fixed
             memo[config] = estimate(
                 model,
-                slice_batch(batch, config.micro_batch_size),
+                resize_batch(batch, config.micro_batch_size),
                 **optimizer,
                 precision=config.precision,
                 gradient_checkpointing=True if config.gradient_checkpointing else gradient_checkpointing,

@@ -244,6 +244,107 @@ class Target:
 
 
 @dataclass
+class SizeResult:
+    """The largest size that fits. ``estimate`` is the estimate at that size (at the smallest size tried
+    when not even that fits: ``value`` is then 0)."""
+
+    knob: str
+    """``"batch_size"`` or ``"seq_len"``."""
+    value: int
+    estimate: Estimate
+    required_bytes: int
+    budget_bytes: int
+    margin: float
+    tried: list[tuple[int, int]] = field(default_factory=list)
+    """Every size estimated, in order, with the bytes it needs (margin included)."""
+    limited: bool = False
+    """``value`` is the search's upper limit, or the largest size the run can take: larger sizes are not
+    ruled out by memory."""
+    refused: str = ""
+    """Why the next size cannot be run at all (the model's positions), when that is what stopped the search."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.value
+
+    @property
+    def seq_len(self) -> int:
+        return self.value
+
+    def __str__(self) -> str:
+        name = {"seq_len": "sequence length"}.get(self.knob, self.knob.replace("_", " "))
+        limit = f" (the largest the run takes: {self.refused})" if self.refused else " (the search limit; larger may fit)"
+        what = (f"{self.value}" + (limit if self.limited else "")
+                if self.value else "0 (not even the smallest size fits)")
+        return (f"largest {name} that fits {format_bytes(self.budget_bytes)} with a {self.margin:.0%} margin: "
+                f"{what}; needs {format_bytes(self.required_bytes)}; {len(self.tried)} estimates")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"knob": self.knob, "value": self.value, "required_bytes": self.required_bytes,
+                "budget_bytes": self.budget_bytes, "margin": self.margin, "limited": self.limited,
+                "refused": self.refused,
+                "tried": [{"size": s, "required_bytes": r} for s, r in self.tried]}
+
+
+@dataclass
+class SizeAnswer:
+    """One target's answer to ``--max-batch-size`` / ``--max-seq-len``: as configured, and after each
+    change of the plan in turn (``("bf16-mixed", ...)``, ``("bf16-mixed + adamw8bit", ...)``)."""
+
+    configured: SizeResult
+    with_changes: list[tuple[str, SizeResult]] = field(default_factory=list)
+
+    @property
+    def knob(self) -> str:
+        return self.configured.knob
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"as_configured": self.configured.value,
+                "with_plan": [{"changes": label, "value": r.value} for label, r in self.with_changes],
+                "search": self.configured.to_dict()}
+
+
+@dataclass(frozen=True)
+class GpuCount:
+    """The fewest GPUs of one strategy that fit: ``devices`` per node times ``num_nodes``."""
+
+    strategy: str
+    devices: int
+    num_nodes: int
+    required_bytes: int
+    """What each GPU needs at that count, margin included."""
+
+    @property
+    def count(self) -> int:
+        return self.devices * self.num_nodes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "strategy": self.strategy, "devices": self.devices,
+                "num_nodes": self.num_nodes, "required_bytes": self.required_bytes}
+
+
+@dataclass
+class MinGpus:
+    """``memguard check --min-gpus``: per strategy, the fewest GPUs that fit (None: none up to the limit)."""
+
+    per_strategy: dict[str, GpuCount | None]
+    per_node: int
+    max_nodes: int
+
+    @property
+    def best(self) -> GpuCount | None:
+        """The fewest GPUs over all strategies; on a tie the strategy listed first (the cheaper one)."""
+        found = [c for c in self.per_strategy.values() if c is not None]
+        return min(found, key=lambda c: c.count) if found else None
+
+    def to_dict(self) -> dict[str, Any]:
+        best = self.best
+        return {**(best.to_dict() if best else {"count": None, "strategy": None}),
+                "per_node": self.per_node, "max_nodes": self.max_nodes,
+                "per_strategy": {k: (v.to_dict() if v else None) for k, v in self.per_strategy.items()}}
+
+
+@dataclass
 class TargetResult:
     """The answer for one target: as configured, and the plan when it does not fit."""
 
@@ -255,6 +356,10 @@ class TargetResult:
     plan: Plan | None = None
     """The planner's answer, when it was asked (the configuration does not fit and fallbacks are allowed)."""
     notes: list[str] = field(default_factory=list)
+    sizing: list[SizeAnswer] = field(default_factory=list)
+    """Answers to sizing questions (``memguard check --max-batch-size``), when asked."""
+    min_gpus: MinGpus | None = None
+    """The fewest GPUs per strategy (``memguard check --min-gpus``), when asked."""
 
     @property
     def exit_code(self) -> int:

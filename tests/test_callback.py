@@ -226,6 +226,15 @@ def test_ddp_ranks_with_different_budgets_apply_the_same_plan(tmp_path) -> None:
 
 
 @pytest.mark.slow
+def test_ddp_ranks_with_different_budgets_agree_on_one_batch_size(tmp_path) -> None:
+    results = _ddp(tmp_path, 60 * 2**20, 45 * 2**20, "max")  # rank 1's budget allows a smaller batch
+    assert [r.get("error") for r in results] == [None, None], results
+    found = {r["found"] for r in results}
+    assert len(found) == 1 and 1 < min(found) < 22  # 22 fits rank 0's 60 MiB alone (single-process test)
+    assert all(max(r["batches"]) == min(found) for r in results)
+
+
+@pytest.mark.slow
 def test_ddp_ranks_abort_together(tmp_path) -> None:
     results = _ddp(tmp_path, 2**40, 2**20, "auto")  # rank 1 cannot fit at all
     assert [r.get("error") for r in results] == ["OutOfMemoryPredicted", "OutOfMemoryPredicted"]
@@ -341,3 +350,24 @@ class VaryingLengths(LitDecoder):
 def test_warns_when_batches_vary_in_shape() -> None:
     with pytest.warns(UserWarning, match="batches vary in shape"):
         _trainer(MemGuard(policy="warn", budget="4GiB"), max_steps=1).fit(VaryingLengths())
+
+
+def test_batch_size_max_trains_with_the_largest_batch_that_fits() -> None:
+    model, callback, trainer = _fit(None, "60MiB", batch_size="max")
+    n = callback.found_batch_size
+    assert 1 < n < 64 and max(model.seen["batch"]) == n and callback.decision.fits  # (a last batch is partial)
+    assert model.batch_size == n and trainer.global_step == 3
+    with pytest.raises(OutOfMemoryPredicted):  # one more sample does not fit the same budget
+        _trainer(MemGuard(policy="abort", budget="60MiB")).fit(LitDecoder(batch_size=n + 1))
+    power_model, power, _ = _fit(None, "60MiB", batch_size="power")
+    assert power.found_batch_size & (power.found_batch_size - 1) == 0
+    assert power.found_batch_size <= n < 2 * power.found_batch_size
+    assert set(power_model.seen["batch"]) == {power.found_batch_size}
+    # a resumed run keeps the saved batch size
+    resumed = MemGuard(batch_size="max", budget="1GiB")
+    fresh = LitDecoder()
+    resumed._run = (trainer, fresh)
+    resumed.load_state_dict(callback.state_dict())
+    assert fresh.batch_size == n == resumed.found_batch_size
+    with pytest.raises(MemguardError, match="Did you mean 'max'"):
+        MemGuard(batch_size="maximum")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -38,7 +39,8 @@ from memguard.act.guard import (
     optimizers_available,
 )
 from memguard.optimizers import CATALOG, first_optimizer, repoint_scheduler, swap_plan
-from memguard.plan import DEFAULT_MARGIN, KNOBS, TrainingConfig, batch_size_of, estimator
+from memguard.plan import DEFAULT_MARGIN, KNOBS, TrainingConfig, batch_size_of, estimator, required_bytes
+from memguard.sizing import Ladder, per_unit, search
 from memguard.precision import Precision
 from memguard.quiet import quiet
 from memguard.units import format_bytes, parse_bytes
@@ -68,6 +70,10 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
     batch_arg_name: the attribute (on the module, its hparams or the datamodule) that sets the
         dataloader's batch size, for the micro-batch knob.
     check_steps: after this many training steps on CUDA, compare the prediction with the real peak.
+    batch_size: "max" sets ``batch_arg_name`` to the largest batch size that fits before the dataloaders
+        are built, "power" to the largest power of two (both as multiples of ``batch_size_multiple``): what
+        Lightning's BatchSizeFinder finds by trial, predicted with no trial step. Every rank takes the
+        smallest rank's answer; a resumed run keeps the saved one.
     """
 
     def __init__(
@@ -82,8 +88,17 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         batch_arg_name: str = "batch_size",
         allow_bf16_true: bool = False,
         check_steps: int = 2,
+        batch_size: str | None = None,
+        batch_size_multiple: int = 1,
     ) -> None:
         super().__init__()
+        if batch_size not in (None, "max", "power"):
+            from memguard.errors import unknown_name
+
+            raise unknown_name("MemGuard batch_size", str(batch_size), ["max", "power"])
+        self.batch_size = batch_size
+        self.ladder = Ladder(step=batch_size_multiple, power=batch_size == "power")
+        self.found_batch_size: int | None = None
         self.policy = check_policy(policy)
         self.budget = parse_bytes(budget)
         self.margin = margin
@@ -116,7 +131,12 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
             return
         self._run = (trainer, pl_module)
         with quiet():
-            decision, error = self._decide_safely(trainer, pl_module)
+            prepared, error = self._safely(self._prepare, trainer, pl_module)
+            if self.batch_size is not None:
+                error = self._size_batch(trainer, pl_module, prepared, error)
+            decision = None
+            if error is None:
+                decision, error = self._safely(self._decide, trainer, pl_module, prepared)
         verdict = self._agree(trainer, decision, error)
         self._act(trainer, pl_module, verdict)
 
@@ -164,30 +184,93 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
             warnings.warn(f"memguard self-check failed: {exc}", stacklevel=2)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.applied is None:
-            return {}
-        return {"version": STATE_VERSION, "config": self.applied.to_dict(), "changes": list(self.changes)}
+        state: dict[str, Any] = {}
+        if self.applied is not None:
+            state = {"version": STATE_VERSION, "config": self.applied.to_dict(), "changes": list(self.changes)}
+        if self.found_batch_size:
+            state.update(version=STATE_VERSION, batch_size=self.found_batch_size)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """A resumed run trains with the plan it started with. Lightning restores callback state after
         ``setup`` but before the strategy builds the model and optimizers, so the saved plan replaces
         whatever ``setup`` decided for this run."""
-        if not state_dict.get("config") or self._run is None:
+        if self._run is None:
             return
         trainer, pl_module = self._run
+        if state_dict.get("batch_size"):
+            self.found_batch_size = int(state_dict["batch_size"])
+            _lightning.package_of(trainer).utilities.parsing.lightning_setattr(
+                pl_module, self.batch_arg_name, self.found_batch_size)
+            self._log(trainer, f"memguard: resuming with the batch size saved in the checkpoint: "
+                               f"{self.found_batch_size}")
+        if not state_dict.get("config"):
+            return
         self._resumed = True
         self.changes = list(state_dict.get("changes", []))
         self._apply_early(trainer, pl_module, TrainingConfig(**state_dict["config"]))
         self._log(trainer, f"memguard: resuming with the plan saved in the checkpoint: {self._summary()}")
 
     # Deciding -------------------------------------------------------------------------------------------
-    def _decide_safely(self, trainer: Any, pl_module: Any) -> tuple[Decision | None, str | None]:
+    @staticmethod
+    def _safely(step: Any, *args: Any) -> tuple[Any, str | None]:
         try:
-            return self._decide(trainer, pl_module), None
+            return step(*args), None
         except Exception as exc:  # noqa: BLE001 - reported to every rank, acted on by policy
             return None, f"{type(exc).__name__}: {exc}"
 
-    def _decide(self, trainer: Any, pl_module: Any) -> Decision:
+    def _decide(self, trainer: Any, pl_module: Any, prepared: _Prepared) -> Decision:
+        decision = decide(prepared.config, prepared.evaluate, prepared.capacity, policy=self.policy,
+                          margin=self.margin, allow=prepared.allow, allow_bf16_true=self.allow_bf16_true,
+                          optimizers_available=optimizers_available, device_type=prepared.device_type)
+        if self.forward_only:
+            decision.notes.append(FORWARD_ONLY_NOTE)
+        return decision
+
+    def _size_batch(self, trainer: Any, pl_module: Any, prepared: _Prepared | None, error: str | None) -> str | None:
+        """``batch_size="max"|"power"``: each rank searches its largest batch (memguard.sizing), every rank
+        takes the smallest answer (collective, reached by every rank whatever happened before), and the
+        batch-size attribute is set before the dataloaders are built. Returns the error to act on."""
+        local = None
+        parsing = _lightning.package_of(trainer).utilities.parsing
+        if error is None and prepared is not None:
+            try:
+                if not parsing.lightning_hasattr(pl_module, self.batch_arg_name):
+                    raise MemguardError(f"MemGuard(batch_size={self.batch_size!r}) sets the attribute "
+                                        f"{self.batch_arg_name!r} (batch_arg_name) on the module, its hparams or the "
+                                        "datamodule, and the run has none")
+                base = prepared.config
+
+                def required(n: int) -> tuple[int, Estimate]:
+                    est = prepared.evaluate(replace(base, micro_batch_size=n))
+                    return required_bytes(est, self.margin), est
+
+                found = search("batch_size", required, prepared.capacity.bytes, self.margin, self.ladder,
+                               per_unit=per_unit(self.margin))
+                local = found.value
+            except Exception as exc:  # noqa: BLE001
+                error = f"{type(exc).__name__}: {exc}"
+        everyone = _all_gather({"n": local, "error": error}, trainer.world_size)
+        errors = [r["error"] for r in everyone if r["error"]]
+        if errors:
+            return errors[0]
+        n = min(r["n"] for r in everyone)
+        if n < 1:
+            self._log(trainer, "memguard: not even a batch of one sample fits; the batch size is left as it is")
+            return None
+        self.found_batch_size = n
+        parsing.lightning_setattr(pl_module, self.batch_arg_name, n)
+        prepared.config = replace(prepared.config, micro_batch_size=n)
+        ranks = " (the smallest rank's answer)" if trainer.world_size > 1 else ""
+        self._log(trainer, f"memguard: {self.batch_arg_name} set to {n}{ranks}: the largest "
+                           f"{'power of two ' if self.batch_size == 'power' else ''}batch predicted to fit "
+                           f"{format_bytes(prepared.capacity.bytes)} with a {self.margin:.0%} margin, "
+                           "found with no trial step")
+        return None
+
+    def _prepare(self, trainer: Any, pl_module: Any) -> _Prepared:
+        """What deciding needs: the capacity, the batch and loss, the estimate function and the run's
+        current configuration."""
         device = trainer.strategy.root_device
         capacity = detect_capacity(device, self.budget)
         batch, loss_fn = self._example(trainer, pl_module)
@@ -212,12 +295,7 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
 
         evaluate = estimator(model, batch, optimizers={optimizer_name: {"optimizer": optimizer_factory}}, **fixed)
         allow = self._allowed_knobs(trainer, pl_module, device, optimizer_name)
-        decision = decide(config, evaluate, capacity, policy=self.policy, margin=self.margin, allow=allow,
-                          allow_bf16_true=self.allow_bf16_true, optimizers_available=optimizers_available,
-                          device_type=device.type)
-        if self.forward_only:
-            decision.notes.append(FORWARD_ONLY_NOTE)
-        return decision
+        return _Prepared(config, evaluate, capacity, allow, device.type)
 
     def _current_config(self, trainer: Any, pl_module: Any, batch: Any) -> TrainingConfig:
         precision = Precision.parse(trainer.precision)
@@ -415,6 +493,17 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers (module level so they are easy to test)
+
+
+@dataclass
+class _Prepared:
+    """One rank's inputs to the decision (and to the batch-size search that may come first)."""
+
+    config: TrainingConfig
+    evaluate: Any
+    capacity: Any
+    allow: tuple[str, ...]
+    device_type: str
 
 
 def precision_plugin(trainer: Any, precision: str) -> Any:

@@ -5,6 +5,7 @@ Pure apart from NVML when no target is given or configured; the command line (me
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,8 +16,10 @@ from memguard.device import gpus as local_gpus
 from memguard.spec.check_spec import CheckSpec
 from memguard.errors import MemguardError
 from memguard.device.catalog import lookup, match_device
-from memguard.plan import TrainingConfig, assess, estimator
-from memguard.results import CheckResult, Estimate, Target, TargetResult
+from memguard.plan import TrainingConfig, assess, change_fields, change_label, estimator, required_bytes
+from memguard.results import (CheckResult, Estimate, GpuCount, MinGpus, SizeAnswer, SizeResult, Target,
+                              TargetResult)
+from memguard.sizing import Ladder, SizeRefused, per_unit, search
 from memguard.trace import TRACED_MICRO_BATCHES
 
 
@@ -66,6 +69,119 @@ def run_check(spec: CheckSpec, targets: Sequence[Target] | None = None) -> Check
     return CheckResult(spec, results, notes, parameters=sum(p.numel() for p in params),
                        trainable=sum(p.numel() for p in params if p.requires_grad))
 
+
+
+SIZE_LIMITS = {"batch_size": 1 << 16, "seq_len": 1 << 20}
+"""How far ``--max-batch-size`` / ``--max-seq-len`` search."""
+
+
+def size_check(result: CheckResult, knob: str, spec_for: Callable[[int], CheckSpec]) -> None:
+    """Answer ``--max-batch-size`` (``knob="batch_size"``) or ``--max-seq-len`` on every target of
+    ``result``: the largest size that fits as configured and, where the configuration needed a plan, after
+    each of the plan's changes in turn. ``spec_for(n)`` loads the same config with that size, so an answer
+    N means ``memguard check --batch-size N --no-fallback`` exits 0 on that GPU and N+1 exits 1: the same
+    estimate and the same margin decide both. The answers go to each target's ``sizing``."""
+    specs: dict[int, CheckSpec] = {}
+    base = result.spec
+
+    def spec_at(n: int) -> CheckSpec:
+        if n not in specs:
+            try:
+                specs[n] = spec_for(n)
+            except MemguardError as exc:  # the config refuses the size (longer than the model's positions)
+                raise SizeRefused(str(exc).split(": ")[-1]) from exc
+            if knob == "batch_size":  # the model does not depend on the batch size: build it once
+                specs[n].model_factory = base.model_factory
+        return specs[n]
+
+    for tr in result.targets:
+        key = tr.target.catalog
+        evaluators: dict[int, Callable[[TrainingConfig], Estimate]] = {}
+
+        def run(fields: dict[str, Any]) -> SizeResult:
+            def required(n: int) -> tuple[int, Estimate]:
+                spec = spec_at(n)
+                if n not in evaluators:
+                    evaluators[n] = _evaluator(spec, spec.model_factory(), key)
+                config = dataclasses.replace(spec.training, **fields)
+                est = evaluators[n](config)
+                return required_bytes(est, spec.margin), est
+
+            return search(knob, required, tr.target.capacity_bytes, base.margin, Ladder(limit=SIZE_LIMITS[knob]),
+                          quadratic=knob == "seq_len", per_unit=per_unit(base.margin))
+
+        answer = SizeAnswer(run({}))
+        if tr.plan is not None and tr.plan.changes:
+            fields: dict[str, Any] = {}
+            labels: list[str] = []
+            for change in tr.plan.changes:
+                if change.knob == "micro_batch":  # the size searched is the micro-batch
+                    continue
+                fields.update(change_fields(change))
+                labels.append(change_label(change))
+                answer.with_changes.append((" + ".join(labels), run(dict(fields))))
+        tr.sizing.append(answer)
+
+
+MIN_GPU_STRATEGIES = ("ddp", "deepspeed_stage_2", "fsdp", "deepspeed_stage_3")
+"""What ``--min-gpus`` tries, cheapest communication first (a tie in GPUs goes to the first)."""
+MAX_NODES = 64
+
+
+def min_gpus(result: CheckResult, per_node: int = 8, max_nodes: int = MAX_NODES) -> None:
+    """``--min-gpus``: on every target, the fewest GPUs for which each of :data:`MIN_GPU_STRATEGIES` fits
+    the configuration as written (no plan), counting devices on one node first (1 to ``per_node``), then
+    whole nodes. Per-rank memory does not grow with the count, so each answer is a search over those
+    counts (doubling from one GPU, then halving the bracket: small answers cost few estimates, and small
+    world sizes are the cheap ones), and each answer N is confirmed: N fits and the count before it does
+    not. A replicating strategy (DDP) keeps everything on every GPU: it fits on N GPUs only if one GPU
+    fits the run, so its answer is 1 or none."""
+    base = result.spec
+    counts = [(d, 1) for d in range(1, per_node + 1)] + [(per_node, k) for k in range(2, max_nodes + 1)]
+    model = base.model_factory()
+    for tr in result.targets:
+        answers: dict[str, GpuCount | None] = {}
+        for name in MIN_GPU_STRATEGIES:
+            needs: dict[int, int] = {}
+
+            def fits(i: int, name: str = name, needs: dict[int, int] = needs) -> bool:
+                if i not in needs:
+                    d, k = counts[i]
+                    spec = dataclasses.replace(base, strategy=name, devices=d, num_nodes=k, fallback=False)
+                    est = _evaluator(spec, model, tr.target.catalog)(spec.training)
+                    needs[i] = required_bytes(est, spec.margin)
+                return needs[i] <= tr.target.capacity_bytes
+
+            hi = _first_fitting(fits, len(counts), replicated=strategies.is_replicated(name))
+            if hi is None:
+                answers[name] = None
+                continue
+            answers[name] = GpuCount(name, counts[hi][0], counts[hi][1], needs[hi])
+        tr.min_gpus = MinGpus(answers, per_node, max_nodes)
+
+
+def _first_fitting(fits: Callable[[int], bool], n: int, replicated: bool = False) -> int | None:
+    """The first index in ``range(n)`` where the monotone ``fits`` holds (None: nowhere)."""
+    if fits(0):
+        return 0
+    if replicated:
+        return None
+    lo, hi = 0, 1
+    while True:
+        if hi >= n - 1:
+            hi = n - 1
+            return None if lo == hi or not fits(hi) else _bisect(fits, lo, hi)
+        if fits(hi):
+            return _bisect(fits, lo, hi)
+        lo, hi = hi, 2 * hi + 1
+
+
+def _bisect(fits: Callable[[int], bool], lo: int, hi: int) -> int:
+    """``fits(lo)`` is false and ``fits(hi)`` true: the first index that fits."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
 
 
 def _evaluator(spec: CheckSpec, model: nn.Module, gpu: Any) -> Callable[[TrainingConfig], Estimate]:

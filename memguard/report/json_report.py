@@ -64,6 +64,7 @@ def to_json(result: CheckResult) -> dict[str, Any]:
             "fallback": spec.fallback,
         },
         "targets": targets,
+        **({k: v for k, v in top.items() if k.startswith(("max_", "min_"))} if len(targets) == 1 else {}),
     }
 
 
@@ -86,7 +87,22 @@ def _target_json(t: TargetResult, margin: float) -> dict[str, Any]:
             **_estimate_json(t.plan.estimate, g.capacity_bytes, margin),
         },
         "notes": list(dict.fromkeys([*t.notes, *t.estimate.notes])),
+        **_sizing_json(t),
     }
+
+
+def _sizing_json(t: TargetResult) -> dict[str, Any]:
+    """``"max_batch_size": N`` (as configured), ``"max_batch_size_with_plan"`` (after each change of the
+    plan) and ``"max_batch_size_search"`` (the estimates behind it), per question asked."""
+    out: dict[str, Any] = {}
+    for answer in t.sizing:
+        name = f"max_{answer.knob}"
+        out[name] = answer.configured.value
+        out[f"{name}_with_plan"] = [{"changes": label, name: r.value} for label, r in answer.with_changes]
+        out[f"{name}_search"] = answer.configured.to_dict()
+    if t.min_gpus is not None:
+        out["min_gpus"] = t.min_gpus.to_dict()
+    return out
 
 
 def _estimate_json(est: Estimate, capacity: int, margin: float) -> dict[str, Any]:

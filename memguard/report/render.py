@@ -228,12 +228,64 @@ def render_check(result: CheckResult) -> str:
         lines.append(render_report(target.estimate, target.target.capacity_bytes, plan=target.plan,
                                    gpu_name=target.target.name, margin=spec.margin, notes=target.notes,
                                    policy=not many))
+    lines += render_sizing(result) + render_min_gpus(result)
     if result.notes:
         lines += ["", "About this check:"] + [_bullet(n) for n in result.notes]
     if many:
         lines += ["", margin_policy(spec.margin)]
     lines += ["", f"Exit code {result.exit_code}: {EXIT_MEANINGS[result.exit_code]}."]
     return "\n".join(lines)
+
+
+def render_sizing(result: CheckResult) -> list[str]:
+    """The answers to ``--max-batch-size`` / ``--max-seq-len``: one line per GPU ("as configured: 6; with
+    bf16-mixed: 11; ..."), a table when several GPUs were checked."""
+    lines: list[str] = []
+    knobs = list(dict.fromkeys(a.knob for t in result.targets for a in t.sizing))
+    for knob in knobs:
+        name = {"seq_len": "sequence length"}.get(knob, knob.replace("_", " "))
+        lines += ["", f"Largest {name} that fits (margin {result.spec.margin:.0%}; each answer N was estimated "
+                      f"to fit and N+1 not to, unless marked):"]
+        rows = []
+        for t in result.targets:
+            for a in (a for a in t.sizing if a.knob == knob):
+                parts = [f"as configured: {_size_value(a.configured)}"]
+                parts += [f"with {label}: {_size_value(r)}" for label, r in a.with_changes]
+                rows.append((t.target.name, parts, a))
+        if len(rows) == 1:
+            lines.append("  " + "; ".join(rows[0][1]))
+        else:
+            labels = list(dict.fromkeys(label for *_, a in rows for label, _ in a.with_changes))
+            headers = ["GPU", "as configured"] + [f"with {label}" for label in labels]
+            table = [[gpu, _size_value(a.configured)]
+                     + [next((_size_value(r) for label, r in a.with_changes if label == want), "-") for want in labels]
+                     for gpu, _, a in rows]
+            lines.append(render_table(headers, table, align="<" + ">" * (len(headers) - 1)))
+    return lines
+
+
+def render_min_gpus(result: CheckResult) -> list[str]:
+    """``--min-gpus``: per GPU model, each strategy's fewest GPUs, the layout and what each GPU needs."""
+    lines: list[str] = []
+    for t in result.targets:
+        found = t.min_gpus
+        if found is None:
+            continue
+        best = found.best
+        lines += ["", f"Fewest {t.target.name} GPUs that fit as configured (up to {found.per_node} per node, then "
+                      f"up to {found.max_nodes} nodes; margin {result.spec.margin:.0%}):"]
+        rows = [[name, "-", f"does not fit on {found.per_node * found.max_nodes}", "-"] if c is None else
+                [name, str(c.count), f"{c.devices} per node x {c.num_nodes} node{'s' if c.num_nodes > 1 else ''}",
+                 format_bytes(c.required_bytes)] for name, c in found.per_strategy.items()]
+        lines.append(render_table(["strategy", "GPUs", "layout", "needs per GPU"], rows, align="<><>"))
+        lines.append(f"  fewest: {best.count} with {best.strategy}" if best else "  no strategy fits")
+    return lines
+
+
+def _size_value(r: Any) -> str:
+    if r.refused:
+        return f"{r.value} (the most the run takes)"
+    return f"{r.value}+" if r.limited else str(r.value)
 
 
 def _comparison(result: CheckResult) -> str:

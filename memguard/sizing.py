@@ -1,0 +1,258 @@
+"""Sizing without a GPU: the largest batch (or sequence) whose prediction fits a budget.
+
+Lightning's BatchSizeFinder, accelerate's ``find_executable_batch_size`` and transformers'
+``auto_find_batch_size`` answer this by trial: real steps, doubling until out-of-memory. memguard's estimate
+is exact on what it traces, so the same question is a search over estimates, before the job starts.
+
+Memory is close to affine in the batch size (each sample adds its activations) and close to quadratic in
+the sequence length under eager attention, but not exactly either (allocator rounding, kernels chosen by
+size), so a fitted curve only proposes where to look: every answer is confirmed by two full estimates, the
+size that fits and the next one that does not. With an affine model the search costs four estimates
+(sizes 1 and 2, the proposed answer and the one after it); each miss of the curve costs one more, and a
+bracket that stops shrinking is bisected, so the search always ends.
+
+Pure: ``required(size)`` is given by the caller (an estimate plus the margin), nothing here prints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from memguard.categories import Category
+from memguard.errors import InvalidArgumentError, TraceError
+from memguard.results import Estimate, SizeResult
+
+Required = Callable[[int], tuple[int, Estimate]]
+"""size -> (bytes the run needs with the margin, the estimate behind it); raises :class:`SizeRefused` for a
+size the configuration cannot take (a sequence longer than the model's positions)."""
+
+
+class SizeRefused(InvalidArgumentError):
+    """A size the run cannot take at all, whatever the memory: the search stops below it and says why."""
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """The sizes the answer may take: multiples of ``step`` (``step * k``), or with ``power`` the powers of
+    two from ``step`` (``step * 2**(k-1)``); ``k`` runs from 1 to the last rung at or below ``limit``."""
+
+    step: int = 1
+    power: bool = False
+    limit: int = 1 << 16
+
+    def __post_init__(self) -> None:
+        for name in ("step", "limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"{'multiple_of' if name == 'step' else name} must be a positive "
+                                           f"integer, got {value!r}")
+        if self.limit < self.step:
+            raise InvalidArgumentError(f"limit ({self.limit}) is below multiple_of ({self.step})")
+
+    def size(self, k: int) -> int:
+        return self.step * (2 ** (k - 1) if self.power else k)
+
+    def rung_at_or_below(self, size: float) -> int:
+        """The last rung whose size is at most ``size`` (0 below the first)."""
+        if size < self.step:
+            return 0
+        ratio = size / self.step
+        return int(math.floor(math.log2(ratio))) + 1 if self.power else int(math.floor(ratio))
+
+    @property
+    def top(self) -> int:
+        return self.rung_at_or_below(self.limit)
+
+
+def search(knob: str, required: Required, budget_bytes: int, margin: float, ladder: Ladder | None = None,
+           quadratic: bool = False, per_unit: Callable[[Estimate, int], float] | None = None) -> SizeResult:
+    """The largest rung of ``ladder`` whose ``required`` bytes are at most ``budget_bytes``, confirmed by
+    estimating it and the next rung. ``quadratic``: propose sizes from a parabola through three points
+    (memory in the sequence length) instead of a line. ``per_unit(estimate, size)``: the bytes one more
+    unit of size adds, read from the first estimate, for the first proposal (the step from size 1 to 2 is
+    often unrepresentative: small tensors are dominated by rounding)."""
+    ladder = ladder or Ladder()
+    seen: dict[int, tuple[int, Estimate]] = {}
+    tried: list[tuple[int, int]] = []
+    refused: dict[int, str] = {}
+
+    def need(k: int) -> int:
+        if k in refused:
+            return budget_bytes + 1
+        if k not in seen:
+            try:
+                seen[k] = required(ladder.size(k))
+            except SizeRefused as exc:
+                if k == 1:
+                    raise
+                refused[k] = str(exc)
+                return budget_bytes + 1
+            tried.append((ladder.size(k), seen[k][0]))
+        return seen[k][0]
+
+    def result(k: int, limited: bool = False) -> SizeResult:
+        at = max(k, 1)
+        why = refused.get(k + 1, "")
+        return SizeResult(knob, ladder.size(k) if k else 0, seen[at][1], seen[at][0], budget_bytes, margin,
+                          tried, limited or bool(why), why)
+
+    if need(1) > budget_bytes:
+        return result(0)
+    lo, hi = 1, None
+    top = ladder.top
+    k = 2
+    slope = per_unit(seen[1][1], ladder.size(1)) if per_unit is not None else 0
+    if slope > 0:
+        k = ladder.rung_at_or_below(ladder.size(1) + (budget_bytes - seen[1][0]) / slope)
+    stalled = 0
+    while True:
+        if lo >= top:
+            return result(lo, limited=True)
+        k = min(max(k, lo + 1), top if hi is None else hi - 1)
+        width = None if hi is None else hi - lo
+        if need(k) <= budget_bytes:
+            lo = k
+        else:
+            hi = k
+        if hi is not None and hi == lo + 1:
+            return result(lo)
+        if width is not None and hi is not None:
+            stalled = stalled + 1 if (hi - lo) * 2 > width else 0
+        if stalled >= 3 and hi is not None:
+            k, stalled = (lo + hi) // 2, 0
+            continue
+        k = ladder.rung_at_or_below(_propose(seen, lo, hi, ladder, budget_bytes, quadratic))
+
+
+def _propose(seen: dict[int, tuple[int, Any]], lo: int, hi: int | None, ladder: Ladder, budget: int,
+             quadratic: bool) -> float:
+    """Where the curve through the bracket's ends (the two largest fitting sizes while there is no upper
+    end) crosses the budget: a size, not a rung. With ``quadratic`` a third point, the nearest other,
+    bends the line into a parabola."""
+    if hi is not None and hi not in seen:  # the upper end was refused: no memory to draw a line to
+        return (ladder.size(lo) + ladder.size(hi)) / 2
+    ends = [lo, hi] if hi is not None else sorted(seen)[-2:]
+    others = sorted((j for j in seen if j not in ends), key=lambda j: abs(j - lo))
+    chosen = ends + (others[:1] if quadratic else [])
+    near = sorted((ladder.size(j), seen[j][0]) for j in chosen)
+    if quadratic and len(near) == 3:
+        crossing = _parabola_crossing(near, budget)
+        if crossing is not None:
+            return crossing
+    (s0, r0), (s1, r1) = (near[0], near[-1]) if hi is not None else (near[-2], near[-1])
+    if r1 <= r0:  # no growth between them: double, or halve the bracket
+        return 2.0 * ladder.size(lo) if hi is None else (ladder.size(lo) + ladder.size(hi)) / 2
+    return s1 + (budget - r1) * (s1 - s0) / (r1 - r0)
+
+
+def _parabola_crossing(points: list[tuple[int, int]], budget: int) -> float | None:
+    (x0, y0), (x1, y1), (x2, y2) = points
+    denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    if denom == 0:
+        return None
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
+    b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / denom
+    c = y0 - a * x0 * x0 - b * x0
+    if a <= 0:
+        return None
+    disc = b * b - 4 * a * (c - budget)
+    if disc < 0:
+        return None
+    return (-b + math.sqrt(disc)) / (2 * a)
+
+
+def per_unit(margin: float) -> Callable[[Estimate, int], float]:
+    """The first proposal's slope: bytes per sample (or token) at the first size, from the batch-sized
+    categories of the forward or backward phase that holds the most of them (at larger sizes that phase
+    holds the peak; the optimizer step's temporaries are parameter-sized), margin included."""
+
+    def slope(est: Estimate, size: int) -> float:
+        scaled = (Category.ACTIVATIONS, Category.TEMPORARIES, Category.INPUTS)
+        most = max((sum(parts.get(c, 0) for c in scaled) for phase, parts in est.phase_breakdowns.items()
+                    if phase.endswith(("forward", "backward"))), default=0)
+        return most * (1.0 + margin) / size
+
+    return slope
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Python entry points
+
+
+def _budget(budget: int | float | str | None, gpu: Any, estimate_kwargs: dict[str, Any], caller: str) -> int:
+    from memguard.device.catalog import lookup
+    from memguard.units import parse_bytes
+
+    if budget is not None:
+        return parse_bytes(budget, "budget")  # type: ignore[return-value]
+    if gpu is None:
+        raise InvalidArgumentError(f"{caller} needs budget= (bytes, or a size such as '20GiB') or gpu= (a GPU "
+                                   "catalog name such as 'A100-80GB'; memguard gpus --catalog lists them)")
+    entry = lookup(gpu) if isinstance(gpu, str) else gpu
+    if str(estimate_kwargs.get("device", "cuda")) == "cpu":
+        raise InvalidArgumentError(f"{caller}: gpu= sizes for a GPU, but device='cpu'; give budget= for the CPU")
+    return int(entry.usable_bytes)
+
+
+def _margin(margin: float | None, caller: str) -> float:
+    from memguard.plan import DEFAULT_MARGIN
+
+    if margin is None:
+        return DEFAULT_MARGIN
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < 1.0:
+        raise InvalidArgumentError(f"{caller}: margin must be a number in [0, 1) (0.05 = 5%), got {margin!r}")
+    return float(margin)
+
+
+def _sized(model: Any, make_batch: Callable[[int], Any], knob: str, *, budget: Any, gpu: Any,
+           margin: float | None, multiple_of: int, power_of_two: bool, limit: int, quadratic: bool,
+           estimate_kwargs: dict[str, Any]) -> SizeResult:
+    from memguard.estimation import estimate
+    from memguard.plan import required_bytes
+
+    caller = f"max_{knob}"
+    if not callable(make_batch):
+        raise InvalidArgumentError(f"{caller}: make_batch must be a function size -> batch, got "
+                                   f"{type(make_batch).__name__}")
+    capacity = _budget(budget, gpu, estimate_kwargs, caller)
+    rate = _margin(margin, caller)
+    if gpu is not None:
+        estimate_kwargs.setdefault("gpu", gpu)
+    ladder = Ladder(multiple_of, power_of_two, limit)
+
+    def required(size: int) -> tuple[int, Estimate]:
+        try:
+            batch = make_batch(size)
+        except Exception as exc:  # noqa: BLE001 - the user's function: say which size it failed at
+            raise InvalidArgumentError(f"{caller}: make_batch({size}) raised {type(exc).__name__}: {exc}") from exc
+        try:
+            est = estimate(model, batch, **estimate_kwargs)
+        except TraceError as exc:  # the model cannot take this size (a position table, a fixed shape)
+            raise SizeRefused(f"{knob} {size} does not run: {str(exc).splitlines()[0][:300]}") from exc
+        return required_bytes(est, rate), est
+
+    return search(knob, required, capacity, rate, ladder, quadratic=quadratic, per_unit=per_unit(rate))
+
+
+def max_batch_size(model: Any, make_batch: Callable[[int], Any], *, budget: int | float | str | None = None,
+                   gpu: Any = None, margin: float | None = None, multiple_of: int = 1, power_of_two: bool = False,
+                   limit: int = 1 << 16, **estimate_kwargs: Any) -> SizeResult:
+    """The largest batch size ``n`` for which ``make_batch(n)``'s predicted peak, plus the margin, fits
+    ``budget`` (bytes or "20GiB"), or the usable memory of ``gpu`` (a catalog name) when no budget is given.
+    ``.batch_size`` is 0 when not even one sample fits. ``multiple_of`` / ``power_of_two`` restrict the
+    answer (multiples of 8; powers of two); ``limit`` bounds the search. Other keywords go to
+    :func:`memguard.estimate` (optimizer, precision, device...). Costs about four estimates."""
+    return _sized(model, make_batch, "batch_size", budget=budget, gpu=gpu, margin=margin, multiple_of=multiple_of,
+                  power_of_two=power_of_two, limit=limit, quadratic=False, estimate_kwargs=estimate_kwargs)
+
+
+def max_seq_len(model: Any, make_batch: Callable[[int], Any], *, budget: int | float | str | None = None,
+                gpu: Any = None, margin: float | None = None, multiple_of: int = 1, power_of_two: bool = False,
+                limit: int = 1 << 20, **estimate_kwargs: Any) -> SizeResult:
+    """The longest sequence ``t`` for which ``make_batch(t)`` fits, as :func:`max_batch_size` (``.seq_len``).
+    Proposals come from a parabola (attention makes memory grow faster than the sequence)."""
+    return _sized(model, make_batch, "seq_len", budget=budget, gpu=gpu, margin=margin, multiple_of=multiple_of,
+                  power_of_two=power_of_two, limit=limit, quadratic=True, estimate_kwargs=estimate_kwargs)
