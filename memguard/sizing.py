@@ -68,12 +68,15 @@ class Ladder:
 
 
 def search(knob: str, required: Required, budget_bytes: int, margin: float, ladder: Ladder | None = None,
-           quadratic: bool = False, per_unit: Callable[[Estimate, int], float] | None = None) -> SizeResult:
+           quadratic: bool = False, per_unit: Callable[[Estimate, int], float] | None = None,
+           start: tuple[int, int, Estimate] | None = None) -> SizeResult:
     """The largest rung of ``ladder`` whose ``required`` bytes are at most ``budget_bytes``, confirmed by
     estimating it and the next rung. ``quadratic``: propose sizes from a parabola through three points
     (memory in the sequence length) instead of a line. ``per_unit(estimate, size)``: the bytes one more
     unit of size adds, read from the first estimate, for the first proposal (the step from size 1 to 2 is
-    often unrepresentative: small tensors are dominated by rounding)."""
+    often unrepresentative: small tensors are dominated by rounding). ``start``: a size already estimated
+    (size, required bytes, estimate), the configured batch, say: the search starts there instead of at
+    size 1, one estimate fewer and a slope read where the run really is."""
     ladder = ladder or Ladder()
     seen: dict[int, tuple[int, Estimate]] = {}
     tried: list[tuple[int, int]] = []
@@ -99,16 +102,25 @@ def search(knob: str, required: Required, budget_bytes: int, margin: float, ladd
         return SizeResult(knob, ladder.size(k) if k else 0, seen[at][1], seen[at][0], budget_bytes, margin,
                           tried, limited or bool(why), why)
 
-    if need(1) > budget_bytes:
-        return result(0)
-    lo, hi = 1, None
+    first = 1
+    if start is not None and ladder.size(max(1, ladder.rung_at_or_below(start[0]))) == start[0]:
+        first = ladder.rung_at_or_below(start[0])
+        seen[first] = (start[1], start[2])
+        tried.append((start[0], start[1]))
+    lo, hi = first, None
+    if need(first) > budget_bytes:
+        if first == 1 or need(1) > budget_bytes:
+            return result(0)
+        lo, hi = 1, first
     top = ladder.top
-    k = 2
-    slope = per_unit(seen[1][1], ladder.size(1)) if per_unit is not None else 0
+    k = lo + 1
+    slope = per_unit(seen[first][1], ladder.size(first)) if per_unit is not None else 0
     if slope > 0:
-        k = ladder.rung_at_or_below(ladder.size(1) + (budget_bytes - seen[1][0]) / slope)
+        k = ladder.rung_at_or_below(ladder.size(first) + (budget_bytes - seen[first][0]) / slope)
     stalled = 0
     while True:
+        if hi is not None and hi == lo + 1:
+            return result(lo)
         if lo >= top:
             return result(lo, limited=True)
         k = min(max(k, lo + 1), top if hi is None else hi - 1)
@@ -209,7 +221,7 @@ def _margin(margin: float | None, caller: str) -> float:
 
 def _sized(model: Any, make_batch: Callable[[int], Any], knob: str, *, budget: Any, gpu: Any,
            margin: float | None, multiple_of: int, power_of_two: bool, limit: int, quadratic: bool,
-           estimate_kwargs: dict[str, Any]) -> SizeResult:
+           start: int | None, estimate_kwargs: dict[str, Any]) -> SizeResult:
     from memguard.estimation import estimate
     from memguard.plan import required_bytes
 
@@ -234,25 +246,33 @@ def _sized(model: Any, make_batch: Callable[[int], Any], knob: str, *, budget: A
             raise SizeRefused(f"{knob} {size} does not run: {str(exc).splitlines()[0][:300]}") from exc
         return required_bytes(est, rate), est
 
-    return search(knob, required, capacity, rate, ladder, quadratic=quadratic, per_unit=per_unit(rate))
+    first = None
+    if start is not None:
+        if isinstance(start, bool) or not isinstance(start, int) or start < 1:
+            raise InvalidArgumentError(f"{caller}: start must be a positive integer (a size to begin at), got {start!r}")
+        first = (start, *required(start))
+    return search(knob, required, capacity, rate, ladder, quadratic=quadratic, per_unit=per_unit(rate), start=first)
 
 
 def max_batch_size(model: Any, make_batch: Callable[[int], Any], *, budget: int | float | str | None = None,
                    gpu: Any = None, margin: float | None = None, multiple_of: int = 1, power_of_two: bool = False,
-                   limit: int = 1 << 16, **estimate_kwargs: Any) -> SizeResult:
+                   limit: int = 1 << 16, start: int | None = None, **estimate_kwargs: Any) -> SizeResult:
     """The largest batch size ``n`` for which ``make_batch(n)``'s predicted peak, plus the margin, fits
     ``budget`` (bytes or "20GiB"), or the usable memory of ``gpu`` (a catalog name) when no budget is given.
     ``.batch_size`` is 0 when not even one sample fits. ``multiple_of`` / ``power_of_two`` restrict the
-    answer (multiples of 8; powers of two); ``limit`` bounds the search. Other keywords go to
-    :func:`memguard.estimate` (optimizer, precision, device...). Costs about four estimates."""
+    answer (multiples of 8; powers of two); ``limit`` bounds the search; ``start`` (the batch size the run
+    has now, say) is where the search begins instead of 1. Other keywords go to :func:`memguard.estimate`
+    (optimizer, precision, device...). Costs four to six estimates."""
     return _sized(model, make_batch, "batch_size", budget=budget, gpu=gpu, margin=margin, multiple_of=multiple_of,
-                  power_of_two=power_of_two, limit=limit, quadratic=False, estimate_kwargs=estimate_kwargs)
+                  power_of_two=power_of_two, limit=limit, quadratic=False, start=start,
+                  estimate_kwargs=estimate_kwargs)
 
 
 def max_seq_len(model: Any, make_batch: Callable[[int], Any], *, budget: int | float | str | None = None,
                 gpu: Any = None, margin: float | None = None, multiple_of: int = 1, power_of_two: bool = False,
-                limit: int = 1 << 20, **estimate_kwargs: Any) -> SizeResult:
+                limit: int = 1 << 20, start: int | None = None, **estimate_kwargs: Any) -> SizeResult:
     """The longest sequence ``t`` for which ``make_batch(t)`` fits, as :func:`max_batch_size` (``.seq_len``).
     Proposals come from a parabola (attention makes memory grow faster than the sequence)."""
     return _sized(model, make_batch, "seq_len", budget=budget, gpu=gpu, margin=margin, multiple_of=multiple_of,
-                  power_of_two=power_of_two, limit=limit, quadratic=True, estimate_kwargs=estimate_kwargs)
+                  power_of_two=power_of_two, limit=limit, quadratic=True, start=start,
+                  estimate_kwargs=estimate_kwargs)

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from dataclasses import replace
+
+from memguard.act import check
+from memguard.act.check import run_check, size_check
 from memguard.cli import main
+from memguard.report import render_check, to_json
+from memguard.spec.check_spec import Options
+from memguard.spec.config import load_config
 
 TINY_GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 1000, "n_embd": 128,
              "n_layer": 2, "n_head": 4, "n_positions": 1024}
@@ -53,18 +60,18 @@ def test_max_batch_size_per_gpu_agrees_with_the_exit_codes(capsys, config):
 def test_answers_after_each_change_of_the_plan(capsys, config):
     code, out, err = run(capsys, config, "--gpu", "A10G", "--max-batch-size", "--json")
     configured = json.loads(out)["max_batch_size"]
-    argv = [config, "--gpu", "A10G", "--batch-size", str(configured + 1), "--allow", "precision", "--max-batch-size"]
-    code, out, err = run(capsys, *argv, "--json")
-    assert code == 3, err
-    doc = json.loads(out)
+    options = Options(gpus=("A10G",), batch_size=configured + 1, allow="precision")
+    result = run_check(load_config(config, (), options))
+    size_check(result, "batch_size", lambda n: load_config(config, (), replace(options, batch_size=n)))
+    assert result.exit_code == 3
+    doc = to_json(result)
     assert doc["max_batch_size"] == configured  # the size searched replaces the configured one
     (with_bf16,) = doc["max_batch_size_with_plan"]
     assert with_bf16["changes"] == "bf16-mixed" and with_bf16["max_batch_size"] > configured
     bf16 = [config, "--gpu", "A10G", "--set", "trainer.precision=bf16-mixed"]
     assert _exit_code(capsys, *bf16, "--batch-size", str(with_bf16["max_batch_size"])) == 0
     assert _exit_code(capsys, *bf16, "--batch-size", str(with_bf16["max_batch_size"] + 1)) == 1
-    code, out, err = run(capsys, *argv)
-    assert f"as configured: {configured}; with bf16-mixed: {with_bf16['max_batch_size']}" in out
+    assert f"as configured: {configured}; with bf16-mixed: {with_bf16['max_batch_size']}" in render_check(result)
 
 
 def test_max_seq_len_stops_at_memory_or_at_the_model_positions(capsys, config):
@@ -82,8 +89,11 @@ WIDE_GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_
              "n_layer": 2, "n_head": 32, "n_positions": 1024}
 
 
-def test_min_gpus_per_strategy_agrees_with_the_exit_codes(capsys, tmp_path):
-    """A 0.6B-parameter model in float32 with AdamW (about 10 GiB of weights, gradients and state) on T4s."""
+def test_min_gpus_per_strategy_agrees_with_the_exit_codes(capsys, tmp_path, monkeypatch):
+    """A 0.6B-parameter model in float32 with AdamW (about 10 GiB of weights, gradients and state) on T4s.
+    DDP and one sharded strategy: the search is the same for every strategy (each one's per-rank estimate
+    is tested in tests/test_distributed.py)."""
+    monkeypatch.setattr(check, "MIN_GPU_STRATEGIES", ("ddp", "deepspeed_stage_3"))
     (tmp_path / "wide.json").write_text(json.dumps(WIDE_GPT2))
     config = tmp_path / "wide.yaml"
     config.write_text("model: {hf_config: wide.json}\ndata: {batch_size: 1, seq_len: 128}\noptimizer: adamw\n"
@@ -92,6 +102,7 @@ def test_min_gpus_per_strategy_agrees_with_the_exit_codes(capsys, tmp_path):
     found = json.loads(out)["min_gpus"]
     per = found["per_strategy"]
     assert per["ddp"] is None, "DDP replicates everything: more GPUs never help"
+    assert list(per) == ["ddp", "deepspeed_stage_3"]
     sharded = {k: v for k, v in per.items() if v is not None}
     assert sharded and found["count"] == min(v["count"] for v in sharded.values()) > 1, err
     for name, answer in sharded.items():

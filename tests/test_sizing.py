@@ -35,10 +35,12 @@ CURVES = {
 @pytest.mark.parametrize("ladder", [Ladder(), Ladder(step=8), Ladder(power=True), Ladder(limit=200)],
                          ids=["plain", "multiple of 8", "powers of two", "limit 200"])
 @pytest.mark.parametrize("budget", [900, 12_345, 40_000, 10**9])
-def test_search_finds_what_brute_force_finds(name, ladder, budget):
+@pytest.mark.parametrize("start", [None, 64], ids=["from 1", "from 64"])
+def test_search_finds_what_brute_force_finds(name, ladder, budget, start):
     curve = CURVES[name]
+    first = (start, curve(start), None) if start is not None else None
     result = search("batch_size", lambda n: (curve(n), None), budget, 0.0, ladder,
-                    quadratic=name == "quadratic")
+                    quadratic=name == "quadratic", start=first)
     assert result.value == _brute(curve, budget, ladder)
     assert result.limited == (result.value == ladder.size(ladder.top))
     sizes = [s for s, _ in result.tried]

@@ -245,8 +245,9 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
                     est = prepared.evaluate(replace(base, micro_batch_size=n))
                     return required_bytes(est, self.margin), est
 
+                size = base.micro_batch_size  # the first batch's: the search starts there
                 found = search("batch_size", required, prepared.capacity.bytes, self.margin, self.ladder,
-                               per_unit=per_unit(self.margin))
+                               per_unit=per_unit(self.margin), start=(size, *required(size)))
                 local = found.value
             except Exception as exc:  # noqa: BLE001
                 error = f"{type(exc).__name__}: {exc}"

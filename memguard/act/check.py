@@ -98,7 +98,7 @@ def size_check(result: CheckResult, knob: str, spec_for: Callable[[int], CheckSp
         key = tr.target.catalog
         evaluators: dict[int, Callable[[TrainingConfig], Estimate]] = {}
 
-        def run(fields: dict[str, Any]) -> SizeResult:
+        def run(fields: dict[str, Any], start: tuple[int, int, Estimate] | None = None) -> SizeResult:
             def required(n: int) -> tuple[int, Estimate]:
                 spec = spec_at(n)
                 if n not in evaluators:
@@ -108,9 +108,11 @@ def size_check(result: CheckResult, knob: str, spec_for: Callable[[int], CheckSp
                 return required_bytes(est, spec.margin), est
 
             return search(knob, required, tr.target.capacity_bytes, base.margin, Ladder(limit=SIZE_LIMITS[knob]),
-                          quadratic=knob == "seq_len", per_unit=per_unit(base.margin))
+                          quadratic=knob == "seq_len", per_unit=per_unit(base.margin), start=start)
 
-        answer = SizeAnswer(run({}))
+        # the configured batch was estimated by the check itself: the search starts there
+        configured = (base.training.micro_batch_size, tr.required_bytes, tr.estimate) if knob == "batch_size" else None
+        answer = SizeAnswer(run({}, configured))
         if tr.plan is not None and tr.plan.changes:
             fields: dict[str, Any] = {}
             labels: list[str] = []

@@ -111,7 +111,7 @@ def estimate_by_depth(model: nn.Module, batch: Any, req: EstimateRequest,
     does not qualify (not compiled, no stack of identical blocks, blocks that behave differently by
     position, a shallow copy that does not run): the caller then analyses it whole."""
     started = time.perf_counter()
-    if req.compile is False:
+    if req.compile is False or not isinstance(model, nn.Module):
         return None
     base, spec, parts = _compiled_base(model, req)
     if base is None:
