@@ -4,8 +4,9 @@ The callback is thin: it reads what Lightning is about to train (module, trainin
 precision, accumulation, an example batch), hands it to :mod:`memguard.act.guard` (capacity, estimate, plan),
 makes every rank agree, and applies the chosen plan through Lightning's own switches:
 
-- in ``setup`` (before the strategy moves the model and builds optimizers): decide; switch the precision
-  plugin; change the data's ``batch_size`` and ``trainer.accumulate_grad_batches``;
+- in ``setup`` (before the strategy moves the model and builds optimizers, and before the dataloaders are
+  built): with ``batch_size="max"``, set the largest batch that fits (memguard.sizing, every rank agreeing);
+  decide; switch the precision plugin; change the data's ``batch_size`` and ``trainer.accumulate_grad_batches``;
 - in ``on_fit_start`` (the model is complete and the optimizers exist): turn on activation checkpointing,
   swap the optimizer class over the same parameter groups and re-point the LR schedulers;
 - after the first steps on CUDA: compare the prediction with the measured peak.
