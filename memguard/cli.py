@@ -295,7 +295,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     with _quiet_libraries(args.debug):
         with _startup():
-            from memguard.act.check import run_check
+            from dataclasses import replace
+
+            from memguard.act.check import min_gpus, run_check, size_check
             from memguard.spec.check_spec import Options
             from memguard.spec.config import load_config
 
@@ -306,15 +308,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         result = run_check(spec)
         for flag, knob in ((args.max_batch_size, "batch_size"), (args.max_seq_len, "seq_len")):
             if flag:
-                from dataclasses import replace
-
-                from memguard.act.check import size_check
-
                 size_check(result, knob, lambda n, k=knob: load_config(args.config, args.set,
                                                                         replace(options, **{k: n})))
         if args.min_gpus:
-            from memguard.act.check import min_gpus
-
             min_gpus(result, per_node=args.devices or 8)
     if args.json:
         print(json.dumps(report.to_json(result), indent=2))

@@ -309,7 +309,8 @@ cost and why: names of :data:`memguard.strategies.TABLE` (tests/test_strategies.
 
 
 def change_fields(change: Change) -> dict[str, Any]:
-    """The configuration fields a plan's change sets (the inverse of :func:`_levels` for one change)."""
+    """The configuration fields a plan's change sets (the inverse of :func:`_levels` for one change). The
+    micro-batch is left out: the callers (sizing) search that size themselves."""
     if change.knob == "precision":
         return {"precision": change.after}
     if change.knob == "optimizer":
@@ -320,19 +321,14 @@ def change_fields(change: Change) -> dict[str, Any]:
         return {"optimizer_offload": change.after == "on"}
     if change.knob == "sharding":
         return {"strategy": change.after}
-    if change.knob == "micro_batch":
-        size, _, acc = change.after.partition(" x ")
-        return {"micro_batch_size": int(size), "accumulate_grad_batches": int(acc)}
-    raise unknown_name("knob", change.knob, KNOBS)
+    raise unknown_name("knob", change.knob, [k for k in KNOBS if k != "micro_batch"])
 
 
 def change_label(change: Change) -> str:
     """A change in a few words, for lists of cumulative changes: "bf16-mixed", "adamw8bit",
-    "checkpointing", "fsdp", "offload", "micro-batch 2 x 4"."""
+    "checkpointing", "fsdp", "offload"."""
     if change.knob in ("checkpointing", "offload"):
         return change.knob if change.after == "on" else f"no {change.knob}"
-    if change.knob == "micro_batch":
-        return f"micro-batch {change.after}"
     return change.after
 
 

@@ -243,6 +243,11 @@ class Target:
     """The local CUDA index, for a discovered GPU."""
 
 
+def size_knob_name(knob: str) -> str:
+    """``"batch_size"`` -> "batch size", ``"seq_len"`` -> "sequence length": the knob in a sentence."""
+    return {"seq_len": "sequence length"}.get(knob, knob.replace("_", " "))
+
+
 @dataclass
 class SizeResult:
     """The largest size that fits. ``estimate`` is the estimate at that size (at the smallest size tried
@@ -272,7 +277,7 @@ class SizeResult:
         return self.value
 
     def __str__(self) -> str:
-        name = {"seq_len": "sequence length"}.get(self.knob, self.knob.replace("_", " "))
+        name = size_knob_name(self.knob)
         limit = f" (the largest the run takes: {self.refused})" if self.refused else " (the search limit; larger may fit)"
         what = (f"{self.value}" + (limit if self.limited else "")
                 if self.value else "0 (not even the smallest size fits)")

@@ -11,9 +11,9 @@ blocks, ``a`` is 0 or 1) and each quantity of the estimate is extended along the
 That rests on an assumption, and memguard checks it where it is cheap to check: the eager trace of the
 full model (seconds) must lie on the line through the eager traces at the same two depths, phase by phase.
 A model whose blocks behave differently by position (every sixth layer with full attention, a block that
-skips itself) fails the check and is analysed compiled whole, as before. What is extended is the
-compiled step's difference from eager at the same positions; fusion across the boundary between two
-blocks is the same at every boundary, so it is counted once per block as in the real graph.
+skips itself) fails the check and is analysed compiled whole, as before. What is extended is the compiled
+analyses themselves: the second shallow one includes one boundary between two blocks, so fusion across a
+boundary, the same at every boundary, is counted once per block as in the real graph.
 
 What the extended estimate lacks: a timeline (each shallow analysis has its own) and, when the peak is in
 another phase than at the shallow depths, the holders list. Both are said in the estimate's notes.

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from memguard.categories import Category
-from memguard.results import EXIT_MEANINGS
+from memguard.results import EXIT_MEANINGS, size_knob_name
 from memguard.text import _NAMES, _ORDER, _indent, holders_section, render_table
 from memguard.units import format_bytes, unit_for
 
@@ -243,7 +243,7 @@ def render_sizing(result: CheckResult) -> list[str]:
     lines: list[str] = []
     knobs = list(dict.fromkeys(a.knob for t in result.targets for a in t.sizing))
     for knob in knobs:
-        name = {"seq_len": "sequence length"}.get(knob, knob.replace("_", " "))
+        name = size_knob_name(knob)
         lines += ["", f"Largest {name} that fits (margin {result.spec.margin:.0%}; each answer N was estimated "
                       f"to fit and N+1 not to, unless marked):"]
         rows = []
