@@ -10,7 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from memguard import OutOfMemoryPredicted  # noqa: E402
-from memguard.integrations.hf import MemGuardCallback, training_arguments  # noqa: E402
+from memguard.errors import InvalidArgumentError  # noqa: E402
+from memguard.integrations.hf import MemGuardCallback, max_batch_arguments, training_arguments  # noqa: E402
 from memguard.plan import Change  # noqa: E402
 
 
@@ -22,8 +23,11 @@ def _model() -> torch.nn.Module:
 
 
 class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, count: int = 16) -> None:
+        self.count = count
+
     def __len__(self) -> int:
-        return 16
+        return self.count
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(i))
@@ -89,3 +93,31 @@ def test_training_arguments_for_each_knob() -> None:
                Change("checkpointing", "off", "on", "", 3, "")]
     assert training_arguments(changes) == {"bf16": True, "optim": "adamw_bnb_8bit", "per_device_train_batch_size": 2,
                                            "gradient_accumulation_steps": 4, "gradient_checkpointing": True}
+
+
+def test_max_batch_arguments_is_the_callbacks_own_line(tmp_path) -> None:
+    """The answer N is exactly where the callback's check (same budget, margin 0) turns: a Trainer built with
+    N trains, one built with N + 1 is stopped before its first step."""
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    budget = 12 << 20
+    sized, found = max_batch_arguments(args, _model(), _Tokens(64), budget=budget, margin=0.0)
+    n = found.batch_size
+    assert 2 < n < 64 and sized.per_device_train_batch_size == n and args.per_device_train_batch_size == 2
+    for size, fits in ((n, True), (n + 1, False)):
+        trainer = transformers.Trainer(
+            model=_model(), args=transformers.TrainingArguments(**{**sized.to_dict(), "per_device_train_batch_size": size}),
+            train_dataset=_Tokens(64), callbacks=[MemGuardCallback(policy="abort", budget=budget, margin=0.0)])
+        if fits:
+            trainer.train()
+            assert trainer.state.global_step == 1
+        else:
+            with pytest.raises(OutOfMemoryPredicted):
+                trainer.train()
+
+
+def test_max_batch_arguments_names_an_optim_it_does_not_predict(tmp_path) -> None:
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), optim="galore_adamw", use_cpu=True, report_to=[])
+    with pytest.raises(InvalidArgumentError, match=r"TrainingArguments.optim 'galore_adamw'.*optimizer="):
+        max_batch_arguments(args, _model(), _Tokens(), budget="1GiB")

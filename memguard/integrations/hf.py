@@ -5,6 +5,9 @@ given in TrainingArguments terms (bf16, optim, gradient_checkpointing, per_devic
 gradient_accumulation_steps), since those are what a user changes. The Trainer's precision, optimizer and
 data loader are already built at that point, so under "auto" memguard applies only what can still change
 before the first step (activation checkpointing) and aborts with the full recipe otherwise.
+
+The largest batch is answered before the Trainer exists (:func:`max_batch_arguments`), for the same reason:
+the Trainer reads ``per_device_train_batch_size`` once, when it is constructed.
 """
 
 from __future__ import annotations
@@ -19,9 +22,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 
 from memguard import advice, checkpointing
 from memguard.act.guard import Decision, OutOfMemoryPredicted, check_policy, explain
+from memguard.errors import InvalidArgumentError, unknown_name
 from memguard.units import parse_bytes
-from memguard.plan import DEFAULT_MARGIN, Change
+from memguard.plan import DEFAULT_MARGIN, Change, resize_batch
 from memguard.quiet import quiet
+from memguard.results import SizeResult
+
+OPTIM_NAMES = {**{hf: ours for ours, hf in advice.HF_OPTIM.items()}, "adamw_torch": "adamw",
+               "adamw_torch_fused": "adamw", "adamw_8bit": "adamw8bit", "paged_adamw_32bit": "paged_adamw",
+               "sgd": "sgd", "adagrad": "adagrad", "rmsprop": "rmsprop", "lion_32bit": "lion"}
+"""memguard's name for each TrainingArguments(optim=...) it predicts."""
 
 def training_arguments(changes: list[Change]) -> dict[str, Any]:
     """The TrainingArguments that apply a plan's changes."""
@@ -54,7 +64,7 @@ class MemGuardCallback(TrainerCallback):
         from memguard.act.preflight import preflight
 
         batch = self.example_batch if self.example_batch is not None else next(iter(train_dataloader))
-        precision = "bf16-mixed" if args.bf16 else "16-mixed" if args.fp16 else "32-true"
+        precision = _precision_of(args)
         try:
             with warnings.catch_warnings(), quiet():
                 warnings.simplefilter("ignore")  # preflight's own warning; this callback words its own
@@ -86,6 +96,60 @@ class MemGuardCallback(TrainerCallback):
             warnings.warn(message + " Activation checkpointing was turned on.", stacklevel=2)
             return
         raise OutOfMemoryPredicted(message + "\n\n" + str(decision), decision)
+
+
+def max_batch_arguments(args: Any, model: Any, train_dataset: Any, *, data_collator: Any = None,
+                        budget: int | float | str | None = None, gpu: Any = None, margin: float | None = None,
+                        multiple_of: int = 1, power_of_two: bool = False, optimizer: Any = None,
+                        ) -> tuple[Any, SizeResult]:
+    """TrainingArguments with ``per_device_train_batch_size`` set to the largest batch predicted to fit,
+    and the search's result. Call it before building the Trainer: the Trainer fixes its batch size when it
+    is constructed (before any callback runs), so this is the transformers side of Lightning's
+    ``MemGuard(batch_size="max")``. The run is read from ``args`` as MemGuardCallback reads it (bf16/fp16,
+    optim, gradient_checkpointing, gradient_accumulation_steps, torch_compile); batches are
+    ``data_collator`` (transformers' default collator when None) over the dataset's first samples, grown by
+    repeating them. ``optimizer`` overrides ``args.optim`` (a catalog name, class or factory)."""
+    from dataclasses import replace
+
+    from memguard.sizing import max_batch_size
+
+    name = optimizer if optimizer is not None else _optimizer_of(args)
+    collate = data_collator
+    if collate is None:
+        from transformers import default_data_collator as collate
+    try:
+        count = len(train_dataset)
+    except TypeError as exc:
+        raise InvalidArgumentError("max_batch_arguments: train_dataset must be a dataset with a length (samples "
+                                   f"are taken from its start), got {type(train_dataset).__name__}") from exc
+    if count < 1:
+        raise InvalidArgumentError("max_batch_arguments: train_dataset is empty")
+    base = collate([train_dataset[i] for i in range(min(count, 8))])
+
+    def make_batch(n: int) -> Any:
+        return resize_batch(base, n)
+
+    device = "cpu" if getattr(args, "use_cpu", False) and gpu is None else "cuda"
+    found = max_batch_size(
+        model, make_batch, budget=budget, gpu=gpu, margin=margin, multiple_of=multiple_of,
+        power_of_two=power_of_two, start=args.per_device_train_batch_size, optimizer=name,
+        precision=_precision_of(args), device=device, gradient_checkpointing=bool(args.gradient_checkpointing) or None,
+        accumulate_grad_batches=args.gradient_accumulation_steps, compile=_compile_of(args))
+    if found.batch_size < 1:
+        return args, found
+    return replace(args, per_device_train_batch_size=found.batch_size), found
+
+
+def _optimizer_of(args: Any) -> str:
+    optim = str(getattr(args.optim, "value", args.optim))
+    if optim not in OPTIM_NAMES:
+        error = unknown_name("TrainingArguments.optim", optim, OPTIM_NAMES)
+        raise InvalidArgumentError(f"{error} Or pass optimizer= (a memguard catalog name, class or factory).")
+    return OPTIM_NAMES[optim]
+
+
+def _precision_of(args: Any) -> str:
+    return "bf16-mixed" if args.bf16 else "16-mixed" if args.fp16 else "32-true"
 
 
 def _kwargs(values: dict[str, Any]) -> str:
