@@ -1,4 +1,4 @@
-"""memguard's per-rank prediction for DDP, FSDP1 and FSDP2 against real multi-process training on the CPU.
+"""memguard's per-rank prediction for DDP, FSDP1, FSDP2 and tensor parallelism against real multi-process training on the CPU.
 
 Every case of tests/test_distributed.py runs for real on 2 and 4 gloo ranks (one process per rank, each
 measuring its own peak of live tensor bytes with torch.profiler's allocator events, without memguard), and
@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import memguard  # noqa: E402
 from _common import write_table  # noqa: E402
 from test_distributed import BATCH, CASES, MODEL, measured_runs, predicted  # noqa: E402
-from zoo import Decoder, _ids  # noqa: E402
+from zoo import Decoder, LlamaLike, _ids  # noqa: E402
 
 WORLDS = {2: list(CASES), 4: list(CASES)}
 RUNS = 2
@@ -36,7 +36,8 @@ def single_process(name: str) -> int:
     if "checkpointing" in name:
         kwargs["gradient_checkpointing"] = True
     torch.manual_seed(0)
-    return memguard.estimate(Decoder(**MODEL), _ids(*BATCH), device="cpu", **kwargs).peak_bytes
+    model = (LlamaLike if CASES[name][0].get("arch") == "llama" else Decoder)(**MODEL)
+    return memguard.estimate(model, _ids(*BATCH), device="cpu", **kwargs).peak_bytes
 
 
 def main() -> None:
@@ -61,7 +62,7 @@ def main() -> None:
     rows.append(["**max abs error**", "", "", "", "", f"{max(errors):.2%}", "", ""])
     print(write_table(
         "distributed_accuracy.md",
-        "Per-rank accuracy under DDP / FSDP / FSDP2 (CPU, gloo, two training steps, peak of live tensor bytes)",
+        "Per-rank accuracy under DDP / FSDP / FSDP2 / tensor parallel (CPU, gloo, two training steps, peak of live tensor bytes)",
         ["case", "ranks", "rank", "measured B", "memguard B", "memguard error", "single-process error",
          "estimate s"],
         rows,
@@ -74,6 +75,10 @@ def main() -> None:
          "to run (tests/dist_worker.py explains).",
          "FSDP cases wrap each Block (Lightning FSDPStrategy(auto_wrap_policy={Block})); FSDP2 is fully_shard per "
          "block then the root.",
+         "Tensor-parallel cases (tp*) use tests/zoo.py LlamaLike with the same sizes and torchtitan's plan "
+         "(tests/zoo.py tp_plan): tp = every rank in one tensor-parallel group; tp_sequence_parallel adds "
+         "sequence parallelism (norms on sequence shards, vocabulary-sharded embedding); tp2_fsdp2 is a "
+         "(ranks/2) x 2 mesh, FSDP2 on the data-parallel dimension (on 2 ranks: tensor parallel alone).",
          "Rerun: python benchmarks/distributed_accuracy.py"],
     ))
 

@@ -4,7 +4,7 @@ A name is in :data:`TABLE` only if :mod:`memguard.estimation.distributed` can pr
 what the estimation does with it: one process, replicated DDP-like ranks, FSDP, FSDP2, or DeepSpeed ZeRO at
 a stage with or without offload. Validation (``trainer.strategy`` in a config) accepts exactly these names,
 so a config that passes validation is one the estimate can run; a name Lightning knows but memguard cannot
-predict (``dp``, ``model_parallel``, ``deepspeed_stage_3_offload_nvme`` ...) is not here and is rejected.
+predict (``dp``, ``deepspeed_stage_3_offload_nvme`` ...) is not here and is rejected.
 
 Bottom layer: imports nothing from memguard but :mod:`memguard.errors`, and not torch.
 """
@@ -28,6 +28,9 @@ class Kind(str, Enum):
     """``torch.distributed.fsdp.fully_shard`` (FSDP2): per-parameter dim-0 shards as DTensors."""
     DEEPSPEED = "deepspeed"
     """DeepSpeed ZeRO stage 1, 2 or 3, optionally offloading optimizer and parameters."""
+    TP = "tp"
+    """Tensor parallelism (DTensor ``parallelize_module``) on a (data, tensor) mesh, FSDP2 on the data
+    dimension: Lightning's ``ModelParallelStrategy``, torchtitan's 2-D parallelism."""
 
     def __str__(self) -> str:
         return self.value
@@ -76,6 +79,10 @@ TABLE: dict[str, StrategyName] = {row.name: row for row in [
     StrategyName("fsdp_cpu_offload", Kind.FSDP, "FSDP with parameters, gradients and optimizer state on the host",
                  cpu_offload=True),
     StrategyName("fsdp2", Kind.FSDP2, "FSDP2: fully_shard on each repeated block, then on the root"),
+    StrategyName("model_parallel", Kind.TP, "ModelParallelStrategy: tensor parallel within a node (the model's "
+                 "configure_model or tensor-parallel plan), FSDP2 across nodes"),
+    StrategyName("tp", Kind.TP, "tensor parallel (the model's own tensor-parallel plan), FSDP2 on the data-parallel "
+                 "dimension when there are more ranks than the tensor-parallel size"),
     StrategyName("deepspeed", Kind.DEEPSPEED, "DeepSpeed ZeRO stage 2 (DeepSpeedStrategy's default)", stage=2),
     StrategyName("deepspeed_stage_1", Kind.DEEPSPEED, "DeepSpeed ZeRO-1: optimizer state sharded", stage=1),
     StrategyName("deepspeed_stage_2", Kind.DEEPSPEED, "DeepSpeed ZeRO-2: gradients and optimizer state sharded",
@@ -93,6 +100,7 @@ CLASS_NAMES: dict[str, str] = {
     "DDPStrategy": "ddp",
     "FSDPStrategy": "fsdp",
     "DeepSpeedStrategy": "deepspeed",
+    "ModelParallelStrategy": "model_parallel",
     "SingleDeviceStrategy": "single_device",
 }
 """Lightning strategy classes memguard can predict, by class name, and the table name each stands for (an
@@ -135,10 +143,10 @@ def is_replicated(name: str) -> bool:
 
 
 def is_sharded(name: str) -> bool:
-    """Some of the model's state is split across ranks (FSDP, FSDP2, DeepSpeed ZeRO); False for a name
-    outside the table."""
+    """Some of the model's state is split across ranks (FSDP, FSDP2, DeepSpeed ZeRO, tensor parallel); False
+    for a name outside the table."""
     row = find(name)
-    return row is not None and row.kind in (Kind.FSDP, Kind.FSDP2, Kind.DEEPSPEED)
+    return row is not None and row.kind in (Kind.FSDP, Kind.FSDP2, Kind.DEEPSPEED, Kind.TP)
 
 
 def from_class_name(class_name: str) -> str | None:

@@ -43,7 +43,7 @@ import torch.distributed as dist  # noqa: E402
 from torch.autograd.profiler import profile  # noqa: E402
 
 from groundtruth import allocation_events  # noqa: E402  (the same ground truth, per rank)
-from zoo import Block, Decoder, _ids  # noqa: E402
+from zoo import Block, Decoder, LlamaLike, _ids, tp_plan  # noqa: E402
 
 
 def _count_every_free() -> None:
@@ -126,7 +126,40 @@ def _wrap(case: dict, model: torch.nn.Module) -> torch.nn.Module:
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard and i < len(model.blocks) - 1)
         fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
         return model
+    if kind == "tp":  # Lightning ModelParallelStrategy's mesh; torchtitan's apply_tp, then apply_fsdp on the dp dim
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        tp = case["tp"]
+        mesh = init_device_mesh("cpu", (dist.get_world_size() // tp, tp), mesh_dim_names=("data_parallel",
+                                                                                         "tensor_parallel"))
+        if case.get("arch") == "hf_llama":  # transformers' own tensor parallelism, as from_pretrained applies it
+            from transformers.distributed.configuration_utils import DistributedConfig
+            from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+
+            model._mesh_manager = None
+            apply_tensor_parallelism(model, mesh["tensor_parallel"],
+                                     model._resolve_parallel_plans(DistributedConfig(tp_size=tp))[0])
+            return model
+        parallelize_module(model, mesh["tensor_parallel"], tp_plan(case.get("sequence_parallel", False)))
+        if mesh["data_parallel"].size() > 1:
+            mp = MixedPrecisionPolicy(param_dtype=mixed, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
+            for i, block in enumerate(model.blocks):
+                fully_shard(block, mesh=mesh["data_parallel"], mp_policy=mp,
+                            reshard_after_forward=i < len(model.blocks) - 1)
+            fully_shard(model, mesh=mesh["data_parallel"], mp_policy=mp)
+        return model
     raise ValueError(f"unknown kind {kind!r}")
+
+
+def build(case: dict) -> torch.nn.Module:
+    """The case's model: the zoo Decoder, its Llama-shaped sibling, or a small transformers Llama."""
+    if case.get("arch") == "hf_llama":
+        from zoo import hf_llama_for_tp
+
+        return hf_llama_for_tp()
+    return (LlamaLike if case.get("arch") == "llama" else Decoder)(**case.get("model", {}))
 
 
 def measure(case: dict) -> dict[str, int]:
@@ -136,7 +169,7 @@ def measure(case: dict) -> dict[str, int]:
     steps = case.get("steps", 2)
     autocast = DTYPES.get(case.get("autocast") or "")
     with profile(profile_memory=True, use_cpu=True) as prof:
-        model = Decoder(**case.get("model", {}))
+        model = build(case)
         ids = _ids(*case.get("batch", (4, 64)))
         wrapped = _wrap(case, model)
         del model
@@ -145,7 +178,7 @@ def measure(case: dict) -> dict[str, int]:
         del marker
         for _ in range(steps):
             with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
-                loss = wrapped(ids)
+                loss = wrapped(input_ids=ids, labels=ids).loss if case.get("arch") == "hf_llama" else wrapped(ids)
             loss.backward()
             del loss
             opt.step()

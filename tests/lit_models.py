@@ -10,7 +10,7 @@ try:
 except ImportError:  # pragma: no cover - either package works
     import pytorch_lightning as pl
 
-from zoo import Decoder
+from zoo import LlamaLike, tp_plan, Decoder
 
 
 class Tokens(Dataset):
@@ -53,3 +53,29 @@ class LitDecoder(pl.LightningModule):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.05)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class LitTensorParallel(pl.LightningModule):
+    """Lightning's ModelParallelStrategy pattern: configure_model parallelises the Llama-shaped decoder over
+    ``self.device_mesh`` (torchtitan's plan on "tensor_parallel", FSDP2 over "data_parallel")."""
+
+    def __init__(self, d: int = 64, layers: int = 4) -> None:
+        super().__init__()
+        self.model = LlamaLike(d=d, layers=layers)
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        parallelize_module(self.model, self.device_mesh["tensor_parallel"], tp_plan())
+        dp = self.device_mesh["data_parallel"]
+        if dp.size() > 1:
+            for i, block in enumerate(self.model.blocks):
+                fully_shard(block, mesh=dp, reshard_after_forward=i < len(self.model.blocks) - 1)
+            fully_shard(self.model, mesh=dp)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model(batch)
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)

@@ -120,6 +120,98 @@ class Decoder(nn.Module):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
+class SplitAttention(nn.Module):
+    """Separate q/k/v/o projections whose views infer the head count (-1): the layout tensor parallelism
+    shards (Llama's, torchtitan's), each rank computing its own heads."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.head_dim = d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (proj(x).view(b, t, -1, self.head_dim).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(d, 4 * d, bias=False), nn.Linear(d, 4 * d, bias=False), nn.Linear(
+            4 * d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = nn.RMSNorm(d), SplitAttention(d, heads), nn.RMSNorm(d), GatedMLP(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class LlamaLike(nn.Module):
+    """A Llama-shaped decoder (RMSNorm, split attention, gated MLP, untied head) for tensor parallelism."""
+
+    def __init__(self, vocab: int = 512, d: int = 64, heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(LlamaBlock(d, heads) for _ in range(layers))
+        self.norm, self.head = nn.RMSNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.norm(x))
+        return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+
+
+def hf_llama_for_tp() -> nn.Module:
+    """A small transformers Llama whose heads and MLP split over 2 or 4 ranks (its own tensor-parallel plan)."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    return transformers.LlamaForCausalLM(config)
+
+
+def tp_plan(sequence_parallel: bool = False) -> dict[str, Any]:
+    """torchtitan's tensor-parallel plan for :class:`LlamaLike` blocks: q/k/v and gate/up column-wise, o and
+    down row-wise; with ``sequence_parallel`` the norms work on sequence shards and each block's input is
+    gathered from them (PrepareModuleInput), as torchtitan's ``apply_tp`` does."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
+
+    out_layout = {"output_layouts": Shard(1)} if sequence_parallel else {}
+    plan: dict[str, Any] = {}
+    for i in ("*",):
+        plan.update({f"blocks.{i}.attn.{p}": ColwiseParallel() for p in "qkv"})
+        plan.update({f"blocks.{i}.mlp.{p}": ColwiseParallel() for p in ("gate", "up")})
+        plan[f"blocks.{i}.attn.o"] = RowwiseParallel(**out_layout)
+        plan[f"blocks.{i}.mlp.down"] = RowwiseParallel(**out_layout)
+        if sequence_parallel:
+            plan.update({f"blocks.{i}.norm1": SequenceParallel(), f"blocks.{i}.norm2": SequenceParallel()})
+            gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            plan.update({f"blocks.{i}.attn": gather, f"blocks.{i}.mlp": gather})
+    if sequence_parallel:
+        plan["emb"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+        plan["norm"] = SequenceParallel()
+        plan["head"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
+    return plan
+
+
 class Encoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()

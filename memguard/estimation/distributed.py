@@ -60,6 +60,7 @@ from memguard.estimation.fsdp_wrap import fsdp1_wrapper, fsdp2_wrapper, fsdp1_ra
 from memguard.estimation.request import EstimateRequest
 from memguard.estimation.rewrites import ddp_trace, host_resident_trace
 from memguard.estimation.sharded_trace import fake_world, trace_wrapped
+from memguard.estimation.tensor_parallel import casts_parameters, check_plan, how, tp_wrapper
 from memguard.estimation.single import estimate_one
 from memguard.estimation.strategy_options import (
     DDP_FIRST_BUCKET_BYTES,
@@ -71,6 +72,7 @@ from memguard.estimation.strategy_options import (
     FSDPOptions,
     Kind,
     Strategy,
+    TPOptions,
     parse_strategy,
 )
 from memguard.precision import Precision
@@ -230,6 +232,38 @@ def _sharded(model: nn.Module, batch: Any, spec: Strategy, world_size: int, num_
     return worst, notes
 
 
+def _tensor_parallel(model: nn.Module, batch: Any, spec: Strategy, world_size: int, num_nodes: int,
+                     req: EstimateRequest, precision: Precision) -> tuple[Estimate, list[str]]:
+    """Rank 0 traced with the run's own parallelisation (:mod:`~memguard.estimation.tensor_parallel`). Ranks
+    hold equal shares when every sharded dimension divides by its mesh dimension; otherwise ``torch.chunk``
+    gives the first ranks the larger shards, and rank 0 bounds the others."""
+    opts: TPOptions = spec.options
+    dp, tp = opts.sizes(world_size, num_nodes)
+    check_plan(opts, model)
+    layout: dict = {}
+    wrap = tp_wrapper(opts, precision, world_size, num_nodes, layout)
+    drop_autocast = casts_parameters(opts, world_size, num_nodes) and precision in (Precision.BF16_MIXED,
+                                                                                   Precision.FP16_MIXED)
+
+    def tracer(model_: nn.Module, batch_: Any, make_optimizer: Callable | None, program: StepProgram, *,
+               param_dtype: torch.dtype | None = None, prepare: Callable | None = None,
+               device: DeviceModel | None = None, shared: tuple = (), **_: Any) -> Trace:
+        if drop_autocast:
+            program = dataclasses.replace(program, autocast_dtype=None)
+        return trace_wrapped(model_, batch_, make_optimizer, program, wrap=wrap, world_size=world_size, rank=0,
+                             param_dtype=param_dtype, prepare=prepare, device=device, shared=shared)
+
+    est = _one_rank(model, batch, tracer, req)
+    est.per_rank = [est.peak_bytes] * world_size
+    notes = [f"tensor parallel: {tp} ranks per tensor-parallel group x {dp} data-parallel, traced on rank 0 with "
+             f"DTensor's own code ({how(opts, model)}) on a fake process group"]
+    if not layout.get("even", True):
+        notes.append("some sharded dimensions do not divide by the mesh: the first ranks hold the larger shards; "
+                     "every rank is bounded by rank 0's peak")
+        est.approximate = True
+    return est, notes
+
+
 def _deepspeed(model: nn.Module, batch: Any, spec: Strategy, world_size: int, req: EstimateRequest,
                precision: Precision) -> tuple[Estimate, list[str]]:
     opts: DeepSpeedOptions = spec.options
@@ -328,6 +362,8 @@ def estimate_ranks(model: nn.Module, batch: Any, req: EstimateRequest) -> Estima
         result, notes = _ddp(model, batch, spec, world_size, req)
     elif spec.kind is Kind.DEEPSPEED:
         result, notes = _deepspeed(model, batch, spec, world_size, req, precision)
+    elif spec.kind is Kind.TP:
+        result, notes = _tensor_parallel(model, batch, spec, world_size, num_nodes, req, precision)
     else:
         result, notes = _sharded(model, batch, spec, world_size, num_nodes, req, precision)
     if not dev.host_is_device and world_size > 1:
@@ -348,6 +384,7 @@ __all__ = [
     "FSDPOptions",
     "Kind",
     "Strategy",
+    "TPOptions",
     "ZeroModelStates",
     "estimate_distributed",
     "estimate_ranks",

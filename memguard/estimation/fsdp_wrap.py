@@ -108,9 +108,10 @@ def fsdp1_wrapper(opts: FSDPOptions, precision: Precision,
     return wrap
 
 
-def _fsdp2_blocks(model: nn.Module, opts: FSDP2Options) -> list[nn.Module]:
-    if opts.block_classes:
-        return [m for m in model.modules() if isinstance(m, opts.block_classes) and m is not model]
+def fsdp2_blocks(model: nn.Module, block_classes: tuple[type, ...]) -> list[nn.Module]:
+    """The modules FSDP2 shards one by one: those of ``block_classes``, else the model's repeated blocks."""
+    if block_classes:
+        return [m for m in model.modules() if isinstance(m, block_classes) and m is not model]
     return checkpointing.repeated_blocks(model)
 
 
@@ -130,7 +131,7 @@ def fsdp2_wrapper(opts: FSDP2Options, precision: Precision, world_size: int,
     def wrap(module: nn.Module) -> nn.Module:
         with unset_fake_temporarily():
             mesh = init_device_mesh("cpu", (world_size,))
-        blocks = _fsdp2_blocks(module, opts)
+        blocks = fsdp2_blocks(module, opts.block_classes)
         for i, block in enumerate(blocks):
             # torchtitan does not reshard the last block after forward: backward needs it first
             last = i == len(blocks) - 1
@@ -178,4 +179,4 @@ def fsdp2_rank_layout(dims: list[int], rank: int, world_size: int) -> tuple[int,
     return tuple(out)
 
 
-__all__ = ["fsdp1_rank_layout", "fsdp1_wrapper", "fsdp2_rank_layout", "fsdp2_wrapper"]
+__all__ = ["fsdp2_blocks", "fsdp1_rank_layout", "fsdp1_wrapper", "fsdp2_rank_layout", "fsdp2_wrapper"]

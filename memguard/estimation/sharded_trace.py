@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.utils._pytree import tree_leaves
 
 from memguard.categories import Category
 from memguard.device.models import DeviceModel
@@ -87,6 +88,8 @@ def fake_world(world_size: int, rank: int) -> Iterator[None]:
 class _ShardedRecordingMode(_RecordingMode):
     """memguard's recording mode, taught three things about distributed code.
 
+    Operations whose tensors are all real (a ``DeviceMesh`` slicing its rank table, made outside the fake
+    mode) run for real, unrecorded: the model's tensors are all fake here, so these are host bookkeeping.
     DTensor operations are let through (``NotImplemented``) so DTensor desugars them into local operations,
     which come back here and are recorded at their local (sharded) size. ``wait_tensor`` of functional
     collectives returns its input in eager mode, so it allocates nothing (its meta kernel makes a new tensor).
@@ -108,6 +111,9 @@ class _ShardedRecordingMode(_RecordingMode):
             return args[0]
         if self._other_fake_mode():
             return func(*args, **(kwargs or {}))
+        if _only_real_tensors(args, kwargs):  # a device mesh's rank tables: host bookkeeping, not this rank's memory
+            with unset_fake_temporarily():
+                return func(*args, **(kwargs or {}))
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if self.device.host_is_device and not self.recorder.is_paused:
             self.recorder.transient(gloo_scratch_bytes(func, args), Category.TEMPORARIES)
@@ -118,6 +124,13 @@ class _ShardedRecordingMode(_RecordingMode):
 
         active = active_fake_mode()
         return active is not None and active is not self.fake_mode
+
+
+def _only_real_tensors(args: tuple, kwargs: dict | None) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    leaves = [x for x in tree_leaves((args, kwargs or {})) if isinstance(x, torch.Tensor)]
+    return bool(leaves) and not any(isinstance(x, FakeTensor) or x.device.type == "meta" for x in leaves)
 
 
 def gloo_scratch_bytes(func: Any, args: tuple) -> int:
@@ -249,7 +262,8 @@ def trace_wrapped(
     with fake_world(world_size, rank), _fsdp1_storage_checks(), warnings.catch_warnings():
         # FSDP1 reads data_ptr() of fake tensors in a check it tolerates; torch warns about each read
         warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
-        fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+        # DTensor makes small real constants of its own (the 0 a vocabulary-sharded embedding masks ids with)
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         twin, fbatch, recorder, _ = recorded_twin(model, batch, fake_mode, param_dtype, shared, prepare)
         mode = _ShardedRecordingMode(recorder, device, fake_mode)
         rng_states = _counted_rng_states(recorder) if device.host_is_device else contextlib.nullcontext()

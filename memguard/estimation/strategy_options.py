@@ -93,6 +93,46 @@ class FSDP2Options:
 
 
 @dataclass(frozen=True)
+class TPOptions:
+    """Tensor parallelism on a 2-D ("data_parallel", "tensor_parallel") mesh, as Lightning's
+    ``ModelParallelStrategy`` builds it. How the model is parallelised, first that applies:
+
+    - ``parallelize(model, mesh)``: a function doing it (torchtitan's ``parallelize_*``), given the 2-D mesh;
+    - a LightningModule's own ``configure_model`` (it reads ``self.device_mesh``);
+    - ``plan``: a ``parallelize_module`` plan ({module pattern: ParallelStyle}, or transformers' words such as
+      "colwise"), applied on the tensor-parallel dimension;
+    - the model's own plan (transformers' ``base_model_tp_plan`` and ``_tp_plan``).
+
+    With a plan (given or the model's), FSDP2 shards each repeated block and the root over the data-parallel
+    dimension when it has more than one rank (torchtitan's ``apply_fsdp``). ``None`` sizes are Lightning's
+    "auto": tensor parallel across a node's devices, data parallel across nodes."""
+
+    tensor_parallel_size: int | None = None
+    data_parallel_size: int | None = None
+    plan: Any = None
+    parallelize: Any = None
+
+    def sizes(self, world_size: int, num_nodes: int) -> tuple[int, int]:
+        """(data-parallel, tensor-parallel) sizes for ``world_size`` ranks on ``num_nodes`` nodes, checked:
+        their product must be the world size."""
+        tp, dp = self.tensor_parallel_size, self.data_parallel_size
+        for name, value in (("tensor_parallel_size", tp), ("data_parallel_size", dp)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
+        divisors = ", ".join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)
+        if tp is None:
+            tp = world_size // (dp or num_nodes) if world_size % (dp or num_nodes) == 0 else world_size
+        if world_size % tp:
+            raise InvalidArgumentError(f"tensor_parallel_size ({tp}) must divide the number of ranks ({world_size}); "
+                                       f"divisors of {world_size}: {divisors}")
+        dp = world_size // tp if dp is None else dp
+        if dp * tp != world_size:
+            raise InvalidArgumentError(f"data_parallel_size ({dp}) x tensor_parallel_size ({tp}) must equal the number "
+                                       f"of ranks ({world_size})")
+        return dp, tp
+
+
+@dataclass(frozen=True)
 class DeepSpeedOptions:
     """The ZeRO settings that change device memory (names as in DeepSpeed's ``zero_optimization`` config)."""
 
@@ -135,6 +175,8 @@ def parse_strategy(strategy: str | Strategy | Any) -> Strategy:
             return Strategy(Kind.FSDP, row.name, FSDPOptions(cpu_offload=row.cpu_offload))
         if row.kind is Kind.FSDP2:
             return Strategy(Kind.FSDP2, row.name, FSDP2Options())
+        if row.kind is Kind.TP:
+            return Strategy(Kind.TP, row.name, TPOptions())
         if row.kind is Kind.DEEPSPEED:
             return Strategy(Kind.DEEPSPEED, row.name, DeepSpeedOptions(
                 stage=row.stage, offload_optimizer=row.offload_optimizer, offload_parameters=row.offload_parameters))
@@ -145,12 +187,25 @@ def parse_strategy(strategy: str | Strategy | Any) -> Strategy:
         return _from_ddp_strategy(strategy)
     if cls == "FSDPStrategy":
         return _from_fsdp_strategy(strategy)
+    if cls == "ModelParallelStrategy":
+        return Strategy(Kind.TP, cls, TPOptions(
+            tensor_parallel_size=_auto(getattr(strategy, "_tensor_parallel_size", "auto"), "tensor_parallel_size"),
+            data_parallel_size=_auto(getattr(strategy, "_data_parallel_size", "auto"), "data_parallel_size")))
     if cls == "DeepSpeedStrategy" or isinstance(getattr(strategy, "config", None), dict):
         return _from_deepspeed_config(getattr(strategy, "config", None) or {}, "deepspeed")
     raise InvalidArgumentError(
-        f"strategy must be one of {', '.join(STRATEGY_NAMES)} or a Lightning DDPStrategy, FSDPStrategy or "
-        f"DeepSpeedStrategy; got {cls}"
+        f"strategy must be one of {', '.join(STRATEGY_NAMES)} or a Lightning DDPStrategy, FSDPStrategy, "
+        f"ModelParallelStrategy or DeepSpeedStrategy; got {cls}"
     )
+
+
+def _auto(value: Any, name: str) -> int | None:
+    """A ``ModelParallelStrategy`` size: "auto" is None (decided from the devices and nodes)."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"{name} must be a positive integer or 'auto', got {value!r}")
+    return value
 
 
 def _from_ddp_strategy(s: Any) -> Strategy:
@@ -217,4 +272,4 @@ def _from_deepspeed_config(config: dict, name: str) -> Strategy:
 
 __all__ = ["DDP_BUCKET_CAP_MB", "DDP_FIRST_BUCKET_BYTES", "DS_DEFAULTS", "HALF_DTYPES", "LIGHTNING_DS_BUCKET",
            "STRATEGY_NAMES", "DDPOptions", "DeepSpeedOptions", "FSDP2Options", "FSDPOptions", "Kind", "Strategy",
-           "parse_strategy"]
+           "TPOptions", "parse_strategy"]

@@ -231,7 +231,11 @@ class _Shadows:
                 self._follow(p, shadow)
                 g = self.local(p.grad)
                 aid = rec.aid_of(g)
-                grad = torch.empty_strided(tuple(g.shape), tuple(g.stride()), dtype=g.dtype, device="meta")
+                # A DTensor gradient may be laid out unlike its parameter (replicated or partial for a sharded
+                # or replicated parameter: sequence parallelism); its allocation stays as made, and the optimizer
+                # works on the parameter's layout, as DTensor redistributes to it in the step.
+                like = g if tuple(g.shape) == tuple(shadow.shape) else shadow
+                grad = torch.empty_strided(tuple(like.shape), tuple(like.stride()), dtype=g.dtype, device="meta")
                 rec.unbind(g.untyped_storage())
                 p.grad = None
                 if aid is not None:
