@@ -371,3 +371,34 @@ def test_batch_size_max_trains_with_the_largest_batch_that_fits() -> None:
     assert fresh.batch_size == n == resumed.found_batch_size
     with pytest.raises(MemguardError, match="Did you mean 'max'"):
         MemGuard(batch_size="maximum")
+
+
+@pytest.mark.slow
+def test_model_parallel_strategy_is_predicted_and_training_goes_on(tmp_path) -> None:
+    """Under Lightning's ModelParallelStrategy (2 CPU ranks) the callback predicts each rank by running the
+    module's configure_model on a fake mesh, the same bytes as memguard.estimate of the module with the
+    strategy object; the real run then trains, its collectives untouched by the fake mesh."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("model_parallel_callback_script.py")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          check=False)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)
+               if (tmp_path / f"rank{r}.json").exists()]
+    assert len(results) == 2, proc.stderr[-3000:]
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    from lit_models import LitTensorParallel
+    from memguard.estimation.distributed import estimate_distributed
+    from zoo import _ids
+
+    expected = estimate_distributed(LitTensorParallel(), _ids(8, 128), strategy=ModelParallelStrategy(tensor_parallel_size=2),
+                                    world_size=2, device="cpu", zero_grad_before_backward=True,
+                                    loss_fn=lambda m, b: m.training_step(b, 0))
+    for r in results:
+        assert r["steps"] == 2
+        assert r["per_rank"] == expected.per_rank
+        assert "configure_model" in r["notes"][0]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from memguard import InvalidArgumentError, strategies
-from memguard.estimation.distributed import STRATEGY_NAMES, estimate_distributed, parse_strategy
+from memguard.estimation.distributed import STRATEGY_NAMES, Strategy, TPOptions, estimate_distributed, parse_strategy
 from memguard.strategies import Kind
 
 CPU = "cpu"
@@ -23,7 +23,7 @@ def _tiny() -> tuple[nn.Module, torch.Tensor]:
 
 def test_the_table_is_what_the_estimation_accepts() -> None:
     assert strategies.names() == sorted(strategies.TABLE) == STRATEGY_NAMES
-    assert len(strategies.names()) == 23
+    assert len(strategies.names()) == 25
     for name in strategies.names():
         row = strategies.lookup(name)
         assert row.name == name
@@ -38,7 +38,7 @@ def test_the_table_is_what_the_estimation_accepts() -> None:
         assert strategies.is_sharded(name) == (row.kind is not Kind.DDP)
 
 
-@pytest.mark.parametrize("name", ["dp", "model_parallel", "deepspeed_stage_3_offload_nvme", "xla", "fsdp1"])
+@pytest.mark.parametrize("name", ["dp", "deepspeed_stage_3_offload_nvme", "xla", "fsdp1"])
 def test_names_memguard_cannot_predict_are_not_in_the_table(name: str) -> None:
     assert strategies.find(name) is None
     assert not (strategies.is_replicated(name) or strategies.is_sharded(name) or strategies.is_single_process(name))
@@ -80,7 +80,8 @@ def test_rows_say_what_each_name_is() -> None:
 def test_lightning_class_names() -> None:
     assert strategies.from_class_name("lightning.pytorch.strategies.FSDPStrategy") == "fsdp"
     assert strategies.from_class_name("DeepSpeedStrategy") == "deepspeed"
-    assert strategies.from_class_name("ModelParallelStrategy") is None
+    assert strategies.from_class_name("ModelParallelStrategy") == "model_parallel"
+    assert strategies.from_class_name("XLAStrategy") is None
     assert all(name in strategies.TABLE for name in strategies.CLASS_NAMES.values())
 
 
@@ -102,6 +103,10 @@ def test_every_name_estimates_two_ranks_on_the_cpu(name: str) -> None:
     if strategies.is_sharded(name) and strategies.lookup(name).kind is not Kind.DEEPSPEED \
             and not torch.distributed.is_available():
         pytest.skip("FSDP is traced on a fake process group: needs torch.distributed")
+    if strategies.lookup(name).kind is Kind.TP:  # a plain Sequential has no plan of its own: one is given
+        with pytest.raises(InvalidArgumentError, match="needs a plan"):
+            estimate_distributed(model, batch, strategy=name, world_size=2, device=CPU)
+        name = Strategy(Kind.TP, name, TPOptions(plan={"0": "colwise", "2": "rowwise"}))
     est = estimate_distributed(model, batch, strategy=name, world_size=2, device=CPU)
     assert est.peak_bytes > 0 and len(est.per_rank) == 2
 

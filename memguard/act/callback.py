@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from memguard import _lightning, checkpointing
+from memguard import strategies, _lightning, checkpointing
 from memguard.errors import MemguardError
 from memguard.results import Estimate
 from memguard.act.guard import (
@@ -307,10 +307,15 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
                               gradient_checkpointing=checkpointing.is_enabled(pl_module))
 
     def _model_for_estimate(self, pl_module: nn.Module) -> nn.Module:
-        """A meta-device copy with ``configure_model`` run, so layers built there are counted too."""
+        """A meta-device copy with ``configure_model`` run, so layers built there are counted too. Under
+        ``ModelParallelStrategy`` the module is returned as it is: the tensor-parallel estimate runs
+        ``configure_model`` itself, against its fake mesh."""
         hook = getattr(type(pl_module), "configure_model", None)
         base = getattr(_lightning.package_of_module(pl_module), "LightningModule", None)
         if hook is None or base is None or hook is getattr(base, "configure_model", None):
+            return pl_module
+        if pl_module._trainer is not None and strategies.from_class_name(
+                type(pl_module._trainer.strategy).__name__) == "model_parallel":
             return pl_module
         memo: dict[int, Any] = {id(pl_module._trainer): pl_module._trainer} if pl_module._trainer else {}
         for p in pl_module.parameters():

@@ -209,7 +209,13 @@ def _distributed(spec: CheckSpec) -> dict[str, Any]:
     world = spec.world_size or 1
     if world == 1 and (spec.strategy is None or strategies.is_single_process(spec.strategy)):
         return {}
-    return {"strategy": spec.strategy, "world_size": world, "num_nodes": spec.num_nodes or 1}
+    strategy: Any = spec.strategy
+    row = strategies.find(spec.strategy)
+    if row is not None and row.kind is strategies.Kind.TP:
+        from memguard.estimation.strategy_options import Strategy, TPOptions
+
+        strategy = Strategy(row.kind, row.name, TPOptions(spec.tensor_parallel_size, spec.data_parallel_size))
+    return {"strategy": strategy, "world_size": world, "num_nodes": spec.num_nodes or 1}
 
 
 def _strategy_notes(spec: CheckSpec) -> list[str]:

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -257,7 +258,49 @@ def trace_wrapped(
 ) -> Trace:
     """Trace ``program`` on a fake copy of ``model`` wrapped by ``wrap`` (FSDP's own code) on rank ``rank``
     of a fake process group of ``world_size`` ranks; arguments otherwise as ``trace.trace_training``. The
-    trace starts once wrapping is done."""
+    trace starts once wrapping is done.
+
+    It runs on a thread of its own. A ``DeviceMesh`` equals any other of the same ranks, shape, names and
+    device type made on the same thread, and DTensor caches its sharding and redistribution plans by mesh:
+    a fake mesh made on the caller's thread would stand in, in those caches, for the real mesh of a run in
+    progress (a Lightning callback on the CPU), whose collectives would then name a fake group."""
+    return _on_own_thread(lambda: _trace_wrapped(model, batch, make_optimizer, program, wrap=wrap,
+                                                 world_size=world_size, rank=rank, param_dtype=param_dtype,
+                                                 prepare=prepare, device=device, shared=shared))
+
+
+def _on_own_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on a new thread, waited for; its exception is raised here."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller as it is
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, name="memguard-fake-world")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def _trace_wrapped(
+    model: nn.Module,
+    batch: Any,
+    make_optimizer: Callable | None,
+    program: StepProgram,
+    *,
+    wrap: Callable[[nn.Module], nn.Module],
+    world_size: int,
+    rank: int,
+    param_dtype: torch.dtype | None,
+    prepare: Callable[[nn.Module], None] | None,
+    device: DeviceModel | None,
+    shared: tuple,
+) -> Trace:
     device = device or DeviceModel()
     with fake_world(world_size, rank), _fsdp1_storage_checks(), warnings.catch_warnings():
         # FSDP1 reads data_ptr() of fake tensors in a check it tolerates; torch warns about each read

@@ -13,6 +13,7 @@ where that code is not installed, its plan's words are read as the DTensor style
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -83,7 +84,7 @@ def _transformers_tp(model: nn.Module) -> bool:
     if not hasattr(model, "_resolve_parallel_plans"):
         return False
     try:
-        import transformers.distributed.tensor_parallel  # noqa: F401
+        importlib.import_module("transformers.distributed.tensor_parallel")
     except ImportError:
         return False
     return bool(model_plan(model))

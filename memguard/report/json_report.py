@@ -60,6 +60,8 @@ def to_json(result: CheckResult) -> dict[str, Any]:
             "num_nodes": spec.num_nodes,
             "world_size": spec.world_size,
             "strategy": spec.strategy,
+            "tensor_parallel_size": spec.tensor_parallel_size,
+            "data_parallel_size": spec.data_parallel_size,
             "allow": None if spec.allow is None else list(spec.allow),
             "fallback": spec.fallback,
         },

@@ -113,6 +113,9 @@ class _Building:
             return None
         if trainer["devices"] is _MISSING:
             return None
+        sizes = self.tensor_parallel(instance, trainer)
+        if sizes is None:
+            return None
         name = optimizer["optimizer"] if isinstance(optimizer["optimizer"], str) else optimizer["label"]
         training = TrainingConfig(
             precision=trainer["precision"],
@@ -128,7 +131,37 @@ class _Building:
             zero_grad_before_backward=mg["zero_grad_before_backward"], quantization=quantization, lora=lora,
             gpus=gpus, devices=trainer["devices"], num_nodes=trainer["num_nodes"], strategy=trainer["strategy"],
             allow=mg["allow"], margin=mg["margin"], fallback=mg["fallback"], notes=self.notes,
+            tensor_parallel_size=sizes[1], data_parallel_size=sizes[0],
         )
+
+    def tensor_parallel(self, instance: nn.Module, trainer: dict[str, Any]) -> tuple[int | None, int | None] | None:
+        """(data-parallel, tensor-parallel) sizes of a tensor-parallel strategy, checked against the ranks and
+        the model's attention heads ((None, None) for other strategies); None after a problem."""
+        from memguard import strategies
+        from memguard.estimation.strategy_options import TPOptions
+
+        row = strategies.find(trainer["strategy"])
+        if row is None or row.kind is not strategies.Kind.TP:
+            return None, None
+        tp, dp, key = getattr(self, "tp_sizes", None) or (None, None, "trainer.strategy")
+        if trainer["devices"] is None:  # decided at run time
+            return dp, tp
+        world = trainer["devices"] * trainer["num_nodes"]
+        where = f"{key}.tensor_parallel_size"
+        try:
+            dp, tp = TPOptions(tp, dp).sizes(world, trainer["num_nodes"])
+        except InvalidArgumentError as exc:
+            self.problems.add(where if "tensor_parallel_size (" in str(exc) else key, str(exc))
+            return None
+        config = getattr(instance, "config", None)
+        for attr in ("num_attention_heads", "num_key_value_heads"):
+            heads = getattr(config, attr, None)
+            if isinstance(heads, int) and heads % tp:
+                fits = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0 and world % d == 0)
+                self.problems.add(where, f"{tp} does not divide the model's {attr} ({heads}): each rank computes "
+                                         f"whole heads; sizes that divide both the heads and the {world} ranks: {fits}")
+                return None
+        return dp, tp
 
     def preset_model(self, model: dict[str, Any], data: dict[str, int | None], given: Any) -> tuple:
         preset = model["preset"]

@@ -66,6 +66,9 @@ class CheckSpec:
     """What was assumed where the config was silent, and what the check cannot model."""
     compile: CompileSpec | None = None
     """torch.compile of the whole model (``compile:``); None: eager."""
+    tensor_parallel_size: int | None = None
+    data_parallel_size: int | None = None
+    """A tensor-parallel strategy's mesh (None: Lightning's "auto", decided from devices and nodes)."""
 
     @property
     def world_size(self) -> int | None:

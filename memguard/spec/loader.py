@@ -47,6 +47,8 @@ class _Loader(_Building):
         self.trainer_section: dict[str, Any] = {}
         self.source_label: str | None = None
         """What the model came from, when not a file (a Hugging Face Hub id)."""
+        self.tp_sizes: tuple[int | None, int | None, str] | None = None
+        """A tensor-parallel strategy's (tensor, data) parallel sizes and the key they came from."""
 
     # -- small validators ---------------------------------------------------------------------------------
 
@@ -231,6 +233,8 @@ class _Loader(_Building):
             return "auto"
         if isinstance(value, dict):
             self.unknown_keys(key, value, STRATEGY_KEYS)
+            if "name" in value:
+                return self.named_strategy(key, value)
             if "deepspeed_config" in value:
                 if "class_path" in value:
                     self.problems.add(key, "give either deepspeed_config or class_path, not both")
@@ -250,6 +254,8 @@ class _Loader(_Building):
             if not isinstance(init, dict):
                 self.problems.add(f"{key}.init_args", f"must be a mapping, got {_show(init)}")
                 return "auto"
+            if name == "model_parallel":
+                self.parallel_sizes(f"{key}.init_args", init)
             if name != "deepspeed":
                 return name
             if init.get("config") is not None:
@@ -267,6 +273,30 @@ class _Loader(_Building):
             self.problems.add(key, str(unknown_name("strategy", str(value), strategies.names())))
             return "auto"
         return row.name
+
+    def named_strategy(self, key: str, value: dict[str, Any]) -> str:
+        """``{name: tp, tensor_parallel_size: 4}``: a table name with the tensor-parallel sizes beside it."""
+        row = strategies.find(value["name"]) if isinstance(value["name"], str) else None
+        if row is None:
+            self.problems.add(f"{key}.name", str(unknown_name("strategy", str(value["name"]), strategies.names())))
+            return "auto"
+        extra = sorted(set(value) - {"name", "tensor_parallel_size", "data_parallel_size"})
+        if extra:
+            self.problems.add(f"{key}.{extra[0]}", "a {name: ...} strategy mapping takes only tensor_parallel_size and "
+                                                   "data_parallel_size beside the name")
+        if row.kind is not strategies.Kind.TP and {"tensor_parallel_size", "data_parallel_size"} & set(value):
+            self.problems.add(key, f"tensor_parallel_size / data_parallel_size need a tensor-parallel strategy "
+                                   f"(tp, model_parallel), not {row.name!r}")
+        self.parallel_sizes(key, value)
+        return row.name
+
+    def parallel_sizes(self, key: str, args: Mapping[str, Any]) -> None:
+        """ModelParallelStrategy's sizes ("auto" or a positive int each), kept for the spec."""
+        sizes: dict[str, int | None] = {}
+        for name in ("tensor_parallel_size", "data_parallel_size"):
+            value = args.get(name, "auto")
+            sizes[name] = None if value in ("auto", None) else self.positive_int(f"{key}.{name}", value)
+        self.tp_sizes = (sizes["tensor_parallel_size"], sizes["data_parallel_size"], key)
 
     # -- DeepSpeed JSON configs -----------------------------------------------------------------------------
 

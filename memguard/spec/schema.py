@@ -90,9 +90,13 @@ _DATA_HINTS = {
 
 STRATEGY_KEYS = {
     "deepspeed_config": "a DeepSpeed JSON config (path relative to the config file, or a mapping)",
-    "class_path": "a Lightning strategy class (DDPStrategy, FSDPStrategy, DeepSpeedStrategy ...)",
+    "class_path": "a Lightning strategy class (DDPStrategy, FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy ...)",
     "init_args": "its arguments; DeepSpeedStrategy's config (a JSON path or a mapping), stage, offload_optimizer "
-                 "and offload_parameters are read",
+                 "and offload_parameters are read; ModelParallelStrategy's data_parallel_size and "
+                 "tensor_parallel_size",
+    "name": "a strategy name, for the mapping form {name: tp, tensor_parallel_size: 4}",
+    "tensor_parallel_size": "ranks per tensor-parallel group (tp / model_parallel; default: the devices of a node)",
+    "data_parallel_size": "data-parallel groups (tp / model_parallel; default: the ranks / tensor_parallel_size)",
 }
 """The keys of a ``trainer.strategy`` mapping (a string names a strategy directly)."""
 
