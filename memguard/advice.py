@@ -39,6 +39,8 @@ def training_arguments(knob: str, after: str) -> dict[str, Any]:
         micro, accumulate = split_micro_batch(after)
         return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulate}
     if knob == "sharding":
+        if after == "tp":
+            return {"tp_plan": "auto (from_pretrained)"}
         return {"deepspeed": "a ZeRO-2 config"} if after.startswith("deepspeed") else {"fsdp": "full_shard"}
     if knob == "offload":
         return {"deepspeed": "a ZeRO config with offload_optimizer"}
@@ -73,6 +75,9 @@ def how_to(knob: str, after: str, dialect: str = "lightning") -> str:
             return "decision.apply(model, optimizer) checkpoints the repeated blocks"
         return "activation checkpointing on the repeated blocks"
     if knob == "sharding":
+        if after == "tp":
+            return ("Trainer(strategy=ModelParallelStrategy()) with the module's configure_model applying its "
+                    "tensor-parallel plan; in memguard check, trainer.strategy: tp")
         return f"Trainer(strategy='{after}')"
     if knob == "offload":
         return "optimizer state in host memory"

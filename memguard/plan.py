@@ -196,6 +196,7 @@ def plan(
     base_estimate: Estimate | None = None,
     world_size: int = 1,
     strategy: str | None = None,
+    tensor_parallel: bool = False,
 ) -> Plan:
     """Search the allowed knobs for the cheapest configuration whose own estimate fits ``capacity_bytes``.
 
@@ -203,7 +204,8 @@ def plan(
     configuration may not change. ``evaluate`` is called at most ``max_evaluations`` times, cheapest
     candidates first; identical configurations are estimated once. ``world_size`` and ``strategy`` describe
     the run's devices: with more than one and a replicating strategy (DDP, or none named) the sharding knob
-    proposes ZeRO-2 and FSDP over the same devices.
+    proposes ZeRO-2 and FSDP over the same devices; with ``tensor_parallel`` (the model has a tensor-parallel
+    plan) also tensor parallelism (:data:`TENSOR_PARALLEL`), from any strategy but itself.
     """
     knobs = _knobs(allow)
     if capacity_bytes <= 0:
@@ -224,7 +226,7 @@ def plan(
     best_miss: tuple[int, TrainingConfig, list[Change]] | None = None
     skipped: list[tuple[int, int, TrainingConfig, list[Change]]] = []
     candidates = _candidates(base, knobs, bf16_supported, allow_bf16_true, set(optimizers_available),
-                             world_size, strategy)
+                             world_size, strategy, tensor_parallel)
     evaluations = 0
     for config, changes in candidates:
         if evaluations >= max_evaluations:
@@ -271,12 +273,13 @@ def _knobs(allow: Iterable[str] | None) -> tuple[str, ...]:
 
 def _candidates(
     base: TrainingConfig, knobs: tuple[str, ...], bf16: bool, bf16_true: bool, optimizers: set[str],
-    world_size: int = 1, strategy: str | None = None,
+    world_size: int = 1, strategy: str | None = None, tensor_parallel: bool = False,
 ) -> list[tuple[TrainingConfig, list[Change]]]:
     """Every combination of knob settings, cheapest first (ties: fewer changes, then knob order)."""
     options: list[list[tuple[dict, Change | None]]] = []
     for knob in knobs:
-        levels = [({}, None)] + _levels(knob, base, bf16, bf16_true, optimizers, world_size, strategy)
+        levels = [({}, None)] + _levels(knob, base, bf16, bf16_true, optimizers, world_size, strategy,
+                                        tensor_parallel)
         options.append(levels)
     combos = []
     for picked in itertools.product(*options):
@@ -307,6 +310,12 @@ _SHARDING = {
 """What the sharding knob may switch a replicated run (:func:`memguard.strategies.is_replicated`) to, with
 cost and why: names of :data:`memguard.strategies.TABLE` (tests/test_strategies.py checks they are sharded)."""
 
+TENSOR_PARALLEL = ("tp", 5.0, "tensor parallel across each node's GPUs also splits activations (heads and hidden "
+                              "units): an all-reduce per attention and MLP block in forward and backward, on the "
+                              "node's fast links; FSDP2 shards over the nodes")
+"""The sharding knob's last resort, after ZeRO-2 / FSDP, for a model that can be tensor-parallelised (its own
+plan or ``configure_model``): name, cost, why."""
+
 
 def change_fields(change: Change) -> dict[str, Any]:
     """The configuration fields a plan's change sets (the inverse of :func:`_levels` for one change). The
@@ -333,7 +342,7 @@ def change_label(change: Change) -> str:
 
 
 def _levels(knob: str, base: TrainingConfig, bf16: bool, bf16_true: bool, optimizers: set[str],
-            world_size: int = 1, strategy: str | None = None) -> list:
+            world_size: int = 1, strategy: str | None = None, tensor_parallel: bool = False) -> list:
     if knob == "precision":
         out = []
         if base.precision == "32-true":
@@ -372,10 +381,14 @@ def _levels(knob: str, base: TrainingConfig, bf16: bool, bf16_true: bool, optimi
                         "recomputes the forward in backward: about a third more compute"))]
     if knob == "sharding":
         current = base.strategy or strategy or "auto"
-        if world_size <= 1 or not strategies.is_replicated(current):
+        if world_size <= 1:
             return []
+        names = dict(_SHARDING) if strategies.is_replicated(current) else {}
+        row = strategies.find(current)
+        if tensor_parallel and row is not None and row.kind is not strategies.Kind.TP:
+            names[TENSOR_PARALLEL[0]] = TENSOR_PARALLEL[1:]
         return [({"strategy": name}, Change("sharding", current, name, how_to("sharding", name), cost, why))
-                for name, (cost, why) in _SHARDING.items()]
+                for name, (cost, why) in names.items()]
     if knob == "offload":
         if base.optimizer_offload:
             return []

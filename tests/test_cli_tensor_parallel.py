@@ -17,11 +17,12 @@ LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_si
          "max_position_embeddings": 256}
 
 
-def _config(tmp_path: Path, strategy: str, devices: int) -> str:
+def _config(tmp_path: Path, strategy: str, devices: int, batch: int = 4, seq: int = 64,
+            gpu: str = "A100-80GB") -> str:
     (tmp_path / "llama.json").write_text(json.dumps(LLAMA))
     path = tmp_path / "tp.yaml"
-    path.write_text(f"model:\n  hf_config: llama.json\ndata:\n  batch_size: 4\n  seq_len: 64\n"
-                    f"trainer:\n  devices: {devices}\n  strategy: {strategy}\ngpu: A100-80GB\n")
+    path.write_text(f"model:\n  hf_config: llama.json\ndata:\n  batch_size: {batch}\n  seq_len: {seq}\n"
+                    f"trainer:\n  devices: {devices}\n  strategy: {strategy}\ngpu: {gpu}\n")
     return str(path)
 
 
@@ -62,3 +63,17 @@ def test_bad_tensor_parallel_sizes_exit_2_naming_the_key(tmp_path, capsys, strat
     code, out, err = _check(capsys, _config(tmp_path, strategy, devices))
     assert code == 2 and out == ""
     assert "trainer.strategy" in err and words in err and "Traceback" not in err
+
+
+def test_the_planner_proposes_tensor_parallelism_when_sharding_alone_does_not_fit(tmp_path, capsys) -> None:
+    """Activations dominate (a large batch of a small Llama on four 16 GB GPUs): ZeRO-2 and FSDP shard the
+    model states but not the activations, tensor parallelism splits those too. The plan is tp, and the
+    configuration it names keeps the exit-code contract: tp exits 0, fsdp exits 1."""
+    config = _config(tmp_path, "ddp", devices=4, batch=3900, seq=256, gpu="T4")
+    code, out, _ = _check(capsys, config, "--allow", "sharding", "--json")
+    report = json.loads(out)
+    assert code == 3 and report["plan"]["fits"]
+    assert [(c["knob"], c["after"]) for c in report["plan"]["changes"]] == [("sharding", "tp")]
+    assert "ModelParallelStrategy" in report["plan"]["changes"][0]["how"]
+    assert _check(capsys, config, "--set", "trainer.strategy=tp", "--no-fallback")[0] == 0
+    assert _check(capsys, config, "--set", "trainer.strategy=fsdp", "--no-fallback")[0] == 1

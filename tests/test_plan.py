@@ -192,3 +192,14 @@ def test_sharding_is_offered_only_for_replicating_strategies_on_several_devices(
     assert sharded(8, None) == [None, "deepspeed_stage_2", "fsdp"]
     assert sharded(1, "ddp") == [None]
     assert sharded(8, "fsdp") == sharded(8, "deepspeed_stage_3") == [None]
+
+
+def test_tensor_parallel_is_the_last_sharding_step_for_models_with_a_plan() -> None:
+    def offered(world: int, strategy: str | None, tensor_parallel: bool = True) -> list:
+        return [c.strategy for c, _ in _candidates(BASE, ("sharding",), True, False, set(), world, strategy,
+                                                  tensor_parallel)]
+
+    assert offered(8, "ddp") == [None, "deepspeed_stage_2", "fsdp", "tp"]
+    assert offered(8, "fsdp") == offered(8, "deepspeed_stage_3") == [None, "tp"]  # FSDP alone does not fit
+    assert offered(8, "tp") == offered(1, "ddp") == [None]
+    assert offered(8, "ddp", tensor_parallel=False) == [None, "deepspeed_stage_2", "fsdp"]

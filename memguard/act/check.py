@@ -56,13 +56,16 @@ def run_check(spec: CheckSpec, targets: Sequence[Target] | None = None) -> Check
                      "peak is the same")
     evaluators: dict[str | None, Callable[[TrainingConfig], Estimate]] = {}
     results = []
+    from memguard.estimation.tensor_parallel import parallelizable
+
+    tensor_parallel = parallelizable(model)
     for target in targets:
         key = target.catalog.name if target.catalog is not None else None
         if key not in evaluators:
             evaluators[key] = _evaluator(spec, model, target.catalog)
         found = assess(spec.training, evaluators[key], target.capacity_bytes, margin=spec.margin,
                        search=spec.fallback and spec.allow != (), allow=spec.allow, bf16_supported=target.bf16,
-                       world_size=spec.world_size or 1, strategy=spec.strategy)
+                       world_size=spec.world_size or 1, strategy=spec.strategy, tensor_parallel=tensor_parallel)
         results.append(TargetResult(target, found.estimate, found.required_bytes, found.fits, found.plan,
                                     notes=_target_notes(spec, target)))
     params = list(model.parameters())  # tied weights once
@@ -126,7 +129,9 @@ def size_check(result: CheckResult, knob: str, spec_for: Callable[[int], CheckSp
 
 
 MIN_GPU_STRATEGIES = ("ddp", "deepspeed_stage_2", "fsdp", "deepspeed_stage_3")
-"""What ``--min-gpus`` tries, cheapest communication first (a tie in GPUs goes to the first)."""
+"""What ``--min-gpus`` tries, cheapest communication first (a tie in GPUs goes to the first); tensor
+parallelism ("tp": across each node's GPUs, FSDP2 over the nodes) comes last, for models that have a
+tensor-parallel plan."""
 MAX_NODES = 64
 
 
@@ -141,25 +146,44 @@ def min_gpus(result: CheckResult, per_node: int = 8, max_nodes: int = MAX_NODES)
     base = result.spec
     counts = [(d, 1) for d in range(1, per_node + 1)] + [(per_node, k) for k in range(2, max_nodes + 1)]
     model = base.model_factory()
+    from memguard.estimation.tensor_parallel import parallelizable
+
+    names = MIN_GPU_STRATEGIES + (("tp",) if parallelizable(model) else ())
     for tr in result.targets:
         answers: dict[str, GpuCount | None] = {}
-        for name in MIN_GPU_STRATEGIES:
+        for name in names:
             needs: dict[int, int] = {}
+            layouts = _tp_counts(model, counts, per_node) if name == "tp" else counts
 
-            def fits(i: int, name: str = name, needs: dict[int, int] = needs) -> bool:
+            def fits(i: int, name: str = name, needs: dict[int, int] = needs, layouts: list = layouts) -> bool:
                 if i not in needs:
-                    d, k = counts[i]
-                    spec = dataclasses.replace(base, strategy=name, devices=d, num_nodes=k, fallback=False)
+                    d, k = layouts[i]
+                    spec = dataclasses.replace(base, strategy=name, devices=d, num_nodes=k, fallback=False,
+                                               tensor_parallel_size=None, data_parallel_size=None)
                     est = _evaluator(spec, model, tr.target.catalog)(spec.training)
                     needs[i] = required_bytes(est, spec.margin)
                 return needs[i] <= tr.target.capacity_bytes
 
-            hi = _first_fitting(fits, len(counts), replicated=strategies.is_replicated(name))
+            hi = _first_fitting(fits, len(layouts), replicated=strategies.is_replicated(name))
             if hi is None:
                 answers[name] = None
                 continue
-            answers[name] = GpuCount(name, counts[hi][0], counts[hi][1], needs[hi])
+            answers[name] = GpuCount(name, layouts[hi][0], layouts[hi][1], needs[hi])
         tr.min_gpus = MinGpus(answers, per_node, max_nodes)
+
+
+def _tp_counts(model: nn.Module, counts: list[tuple[int, int]], per_node: int) -> list[tuple[int, int]]:
+    """The layouts tensor parallelism can take: each rank computes whole attention heads, so the devices of
+    a node (the tensor-parallel size) must divide the model's head counts; nodes are added only when a full
+    node's devices do."""
+    config = getattr(model, "config", None)
+    heads = [h for h in (getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None))
+             if isinstance(h, int) and h > 0]
+
+    def whole(d: int) -> bool:
+        return all(h % d == 0 for h in heads)
+
+    return [(d, k) for d, k in counts if whole(d) and (k == 1 or d == per_node)]
 
 
 def _first_fitting(fits: Callable[[int], bool], n: int, replicated: bool = False) -> int | None:

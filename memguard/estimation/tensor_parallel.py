@@ -161,6 +161,12 @@ def check_plan(opts: TPOptions, model: nn.Module) -> None:
     styles(plan)
 
 
+def parallelizable(model: nn.Module) -> bool:
+    """Whether ``model`` can be tensor-parallelised without being told how: its own plan (transformers) or
+    a LightningModule's ``configure_model``."""
+    return _own_configure_model(model) or bool(model_plan(model))
+
+
 def how(opts: TPOptions, model: nn.Module) -> str:
     """Which way the model is parallelised, for the estimate's notes."""
     if opts.parallelize is not None:
@@ -195,4 +201,4 @@ def _even(p: torch.Tensor) -> bool:
     return True
 
 
-__all__ = ["MESH_DIMS", "casts_parameters", "check_plan", "how", "model_plan", "styles", "tp_wrapper"]
+__all__ = ["MESH_DIMS", "casts_parameters", "check_plan", "how", "parallelizable", "model_plan", "styles", "tp_wrapper"]
