@@ -142,7 +142,8 @@ def _wrap(case: dict, model: torch.nn.Module) -> torch.nn.Module:
             apply_tensor_parallelism(model, mesh["tensor_parallel"],
                                      model._resolve_parallel_plans(DistributedConfig(tp_size=tp))[0])
             return model
-        parallelize_module(model, mesh["tensor_parallel"], tp_plan(case.get("sequence_parallel", False)))
+        parallelize_module(model, mesh["tensor_parallel"], tp_plan(case.get("sequence_parallel", False),
+                                                                    case.get("loss_parallel", False)))
         if mesh["data_parallel"].size() > 1:
             mp = MixedPrecisionPolicy(param_dtype=mixed, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
             for i, block in enumerate(model.blocks):
@@ -151,6 +152,14 @@ def _wrap(case: dict, model: torch.nn.Module) -> torch.nn.Module:
             fully_shard(model, mesh=mesh["data_parallel"], mp_policy=mp)
         return model
     raise ValueError(f"unknown kind {kind!r}")
+
+
+def _loss_context(case: dict) -> Any:
+    if not case.get("loss_parallel"):
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
 
 
 def build(case: dict) -> torch.nn.Module:
@@ -177,9 +186,10 @@ def measure(case: dict) -> dict[str, int]:
         marker = torch.empty(SENTINEL, dtype=torch.uint8)
         del marker
         for _ in range(steps):
-            with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
-                loss = wrapped(input_ids=ids, labels=ids).loss if case.get("arch") == "hf_llama" else wrapped(ids)
-            loss.backward()
+            with _loss_context(case):  # torchtitan's train context: loss and backward on vocabulary shards
+                with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
+                    loss = wrapped(input_ids=ids, labels=ids).loss if case.get("arch") == "hf_llama" else wrapped(ids)
+                loss.backward()
             del loss
             opt.step()
             opt.zero_grad(set_to_none=True)

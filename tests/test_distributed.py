@@ -97,18 +97,21 @@ CASES: dict[str, tuple[dict, Any, dict]] = {
     "tp_sequence_parallel": ({"kind": "tp", "tp": 0, "arch": "llama", "sequence_parallel": True},
                              lambda w: _tp(w, sequence_parallel=True), {}),
     "tp2_fsdp2": ({"kind": "tp", "tp": 2, "arch": "llama"}, lambda w: _tp(w, tp=2), {}),
+    "tp_loss_parallel": ({"kind": "tp", "tp": 0, "arch": "llama", "loss_parallel": True},
+                         lambda w: _tp(w, loss_parallel=True), {}),
     # a transformers Llama parallelised by transformers' own code with its own plan (strategy "tp")
     "tp_transformers_llama": ({"kind": "tp", "tp": 0, "arch": "hf_llama"}, lambda w: "tp",
                               {"loss_fn": lambda m, b: m(input_ids=b, labels=b).loss}),
 }
 
 
-def _tp(world_size: int, tp: int = 0, sequence_parallel: bool = False) -> Strategy:
-    return Strategy(Kind.TP, "tp", TPOptions(tensor_parallel_size=tp or world_size, plan=tp_plan(sequence_parallel)))
+def _tp(world_size: int, tp: int = 0, sequence_parallel: bool = False, loss_parallel: bool = False) -> Strategy:
+    return Strategy(Kind.TP, "tp", TPOptions(tensor_parallel_size=tp or world_size, loss_parallel=loss_parallel,
+                                             plan=tp_plan(sequence_parallel, loss_parallel)))
 # What the tests run for real (all of CASES run in benchmarks/distributed_accuracy.py); DDP does not depend
 # on the number of ranks, so it runs on 2 only.
 WORLDS = {2: ["ddp", "fsdp_full_shard", "fsdp_shard_grad_op_flat", "fsdp_checkpointing", "fsdp_bf16_mixed", "fsdp2",
-              "tp", "tp_sequence_parallel", "tp_transformers_llama"],
+              "tp", "tp_sequence_parallel", "tp_loss_parallel", "tp_transformers_llama"],
           4: ["fsdp_full_shard", "fsdp_checkpointing", "fsdp2", "tp", "tp2_fsdp2"]}
 TP_TOLERANCE = 0.02
 """Tensor parallelism is checked to 2%: every rank's prediction against its real peak."""

@@ -182,10 +182,12 @@ def hf_llama_for_tp() -> nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
-def tp_plan(sequence_parallel: bool = False) -> dict[str, Any]:
+def tp_plan(sequence_parallel: bool = False, loss_parallel: bool = False) -> dict[str, Any]:
     """torchtitan's tensor-parallel plan for :class:`LlamaLike` blocks: q/k/v and gate/up column-wise, o and
     down row-wise; with ``sequence_parallel`` the norms work on sequence shards and each block's input is
-    gathered from them (PrepareModuleInput), as torchtitan's ``apply_tp`` does."""
+    gathered from them (PrepareModuleInput), as torchtitan's ``apply_tp`` does; with ``loss_parallel`` the
+    head's logits stay sharded over the vocabulary, for a loss and backward run under DTensor's
+    ``loss_parallel()``."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -205,6 +207,8 @@ def tp_plan(sequence_parallel: bool = False) -> dict[str, Any]:
             plan.update({f"blocks.{i}.norm1": SequenceParallel(), f"blocks.{i}.norm2": SequenceParallel()})
             gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
             plan.update({f"blocks.{i}.attn": gather, f"blocks.{i}.mlp": gather})
+    if loss_parallel:  # the head's output stays sharded over the vocabulary for the loss
+        plan["head"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
     if sequence_parallel:
         plan["emb"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
         plan["norm"] = SequenceParallel()

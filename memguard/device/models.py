@@ -117,6 +117,16 @@ def _signature(func: Any, args: tuple, kwargs: dict) -> tuple:
     return (str(func), str(spec), tuple(key(x) for x in flat))
 
 
+def start_profiler_here() -> None:
+    """Use torch's profiler once on the calling thread. Kineto registers its client on the first thread
+    that profiles and prints an error (from C++, to the terminal) when a later profile starts on another;
+    memguard traces distributed steps on a thread of its own, where the CPU kernel probes profile."""
+    from torch.autograd.profiler import profile
+
+    with quiet(native_output=True), profile(profile_memory=True, use_cpu=True):
+        torch.empty(1)
+
+
 def _allocator_events(prof: Any) -> list[tuple[int, int, int]]:
     out = []
     stack = list(prof.kineto_results.experimental_event_tree())

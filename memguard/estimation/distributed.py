@@ -36,6 +36,7 @@ FSDP), :mod:`~memguard.estimation.fsdp_wrap` (FSDP1 / FSDP2 wrapping, rank layou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -244,6 +245,9 @@ def _tensor_parallel(model: nn.Module, batch: Any, spec: Strategy, world_size: i
     wrap = tp_wrapper(opts, precision, world_size, num_nodes, layout)
     drop_autocast = casts_parameters(opts, world_size, num_nodes) and precision in (Precision.BF16_MIXED,
                                                                                    Precision.FP16_MIXED)
+    loss_context = contextlib.nullcontext
+    if opts.loss_parallel:
+        from torch.distributed.tensor.parallel import loss_parallel as loss_context
 
     def tracer(model_: nn.Module, batch_: Any, make_optimizer: Callable | None, program: StepProgram, *,
                param_dtype: torch.dtype | None = None, prepare: Callable | None = None,
@@ -251,7 +255,8 @@ def _tensor_parallel(model: nn.Module, batch: Any, spec: Strategy, world_size: i
         if drop_autocast:
             program = dataclasses.replace(program, autocast_dtype=None)
         return trace_wrapped(model_, batch_, make_optimizer, program, wrap=wrap, world_size=world_size, rank=0,
-                             param_dtype=param_dtype, prepare=prepare, device=device, shared=shared)
+                             param_dtype=param_dtype, prepare=prepare, device=device, shared=shared,
+                             steps_context=loss_context)
 
     est = _one_rank(model, batch, tracer, req)
     est.per_rank = [est.peak_bytes] * world_size

@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._pytree import tree_leaves
 
 from memguard.categories import Category
-from memguard.device.models import DeviceModel
+from memguard.device.models import DeviceModel, start_profiler_here
 from memguard.errors import TraceError
 from memguard.trace import StepProgram, Trace
 from memguard.trace.recording import _Recorder, _RecordingMode
@@ -176,6 +176,22 @@ def _storage_resized(recorder: _Recorder, storage: Any, nbytes: int) -> None:
 
 
 @contextlib.contextmanager
+def _global_shapes_apart() -> Iterator[None]:
+    """DTensor infers an operation's global output shape by running it on global-shape fake tensors, in the
+    fake mode it detects (``detect_fake_mode() or FakeTensorMode()``): here that would be memguard's own, and
+    those tensors would be recorded as this rank's memory. Sharding propagation gets a fake mode of its own,
+    as in a real run, whose operations the recording mode leaves out."""
+    from torch.distributed.tensor import _sharding_prop
+
+    saved = _sharding_prop.detect_fake_mode
+    _sharding_prop.detect_fake_mode = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        _sharding_prop.detect_fake_mode = saved
+
+
+@contextlib.contextmanager
 def _tracking_resizes(recorder: _Recorder) -> Iterator[None]:
     """FSDP frees and re-allocates unsharded parameters with ``UntypedStorage.resize_``, which reaches no
     dispatch mode; follow it the way ``torch.distributed._tools.mem_tracker.MemTracker._track_resize`` does."""
@@ -255,18 +271,23 @@ def trace_wrapped(
     prepare: Callable[[nn.Module], None] | None = None,
     device: DeviceModel | None = None,
     shared: tuple = (),
+    steps_context: Callable[[], Any] = contextlib.nullcontext,
 ) -> Trace:
     """Trace ``program`` on a fake copy of ``model`` wrapped by ``wrap`` (FSDP's own code) on rank ``rank``
     of a fake process group of ``world_size`` ranks; arguments otherwise as ``trace.trace_training``. The
-    trace starts once wrapping is done.
+    trace starts once wrapping is done. ``steps_context()`` is entered around the training steps (DTensor's
+    ``loss_parallel``).
 
     It runs on a thread of its own. A ``DeviceMesh`` equals any other of the same ranks, shape, names and
     device type made on the same thread, and DTensor caches its sharding and redistribution plans by mesh:
     a fake mesh made on the caller's thread would stand in, in those caches, for the real mesh of a run in
     progress (a Lightning callback on the CPU), whose collectives would then name a fake group."""
+    if device is not None and device.host_is_device:  # the CPU kernel probes profile on the tracing thread
+        start_profiler_here()
     return _on_own_thread(lambda: _trace_wrapped(model, batch, make_optimizer, program, wrap=wrap,
                                                  world_size=world_size, rank=rank, param_dtype=param_dtype,
-                                                 prepare=prepare, device=device, shared=shared))
+                                                 prepare=prepare, device=device, shared=shared,
+                                                 steps_context=steps_context))
 
 
 def _on_own_thread(fn: Callable[[], Any]) -> Any:
@@ -300,6 +321,7 @@ def _trace_wrapped(
     prepare: Callable[[nn.Module], None] | None,
     device: DeviceModel | None,
     shared: tuple,
+    steps_context: Callable[[], Any],
 ) -> Trace:
     device = device or DeviceModel()
     with fake_world(world_size, rank), _fsdp1_storage_checks(), warnings.catch_warnings():
@@ -310,7 +332,8 @@ def _trace_wrapped(
         twin, fbatch, recorder, _ = recorded_twin(model, batch, fake_mode, param_dtype, shared, prepare)
         mode = _ShardedRecordingMode(recorder, device, fake_mode)
         rng_states = _counted_rng_states(recorder) if device.host_is_device else contextlib.nullcontext()
-        with fake_mode, mode, _tracking_resizes(recorder), device.kernel_mode(), rng_states, _no_gc():
+        with fake_mode, mode, _tracking_resizes(recorder), _global_shapes_apart(), device.kernel_mode(), rng_states, \
+                _no_gc():
             recorder.phase("wrap")
             try:
                 wrapped = wrap(twin)
@@ -324,7 +347,8 @@ def _trace_wrapped(
                 ) from exc
             del twin
             start = len(recorder.trace.events)
-            run_steps(wrapped, fbatch, make_optimizer, program, recorder, mode, local=_local)
+            with steps_context():
+                run_steps(wrapped, fbatch, make_optimizer, program, recorder, mode, local=_local)
         trace = recorder.finish()
         del wrapped, fbatch
     return _starting_from(trace, start, "wrap")

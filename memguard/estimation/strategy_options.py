@@ -111,6 +111,9 @@ class TPOptions:
     data_parallel_size: int | None = None
     plan: Any = None
     parallelize: Any = None
+    loss_parallel: bool = False
+    """The loss and backward run under DTensor's ``loss_parallel()`` (the head's logits sharded over the
+    vocabulary, torchtitan's ``train_context``)."""
 
     def sizes(self, world_size: int, num_nodes: int) -> tuple[int, int]:
         """(data-parallel, tensor-parallel) sizes for ``world_size`` ranks on ``num_nodes`` nodes, checked:
