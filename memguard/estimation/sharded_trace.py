@@ -278,16 +278,18 @@ def trace_wrapped(
     trace starts once wrapping is done. ``steps_context()`` is entered around the training steps (DTensor's
     ``loss_parallel``).
 
-    It runs on a thread of its own. A ``DeviceMesh`` equals any other of the same ranks, shape, names and
-    device type made on the same thread, and DTensor caches its sharding and redistribution plans by mesh:
-    a fake mesh made on the caller's thread would stand in, in those caches, for the real mesh of a run in
-    progress (a Lightning callback on the CPU), whose collectives would then name a fake group."""
+    It runs on a thread of its own. DTensor caches its sharding decisions per thread, keyed by meshes that
+    compare equal whenever their ranks, shape, names and device type do: a fake mesh used on the caller's
+    thread would stand in, in that cache, for the real mesh of a run in progress (a Lightning callback on
+    the CPU), whose collectives would then name a fake group."""
     if device is not None and device.host_is_device:  # the CPU kernel probes profile on the tracing thread
         start_profiler_here()
-    return _on_own_thread(lambda: _trace_wrapped(model, batch, make_optimizer, program, wrap=wrap,
-                                                 world_size=world_size, rank=rank, param_dtype=param_dtype,
-                                                 prepare=prepare, device=device, shared=shared,
-                                                 steps_context=steps_context))
+
+    def traced() -> Trace:
+        return _trace_on_fake_world(model, batch, make_optimizer, program, wrap, world_size, rank, param_dtype,
+                                    prepare, device or DeviceModel(), shared, steps_context)
+
+    return _on_own_thread(traced)
 
 
 def _on_own_thread(fn: Callable[[], Any]) -> Any:
@@ -308,22 +310,11 @@ def _on_own_thread(fn: Callable[[], Any]) -> Any:
     return out["value"]
 
 
-def _trace_wrapped(
-    model: nn.Module,
-    batch: Any,
-    make_optimizer: Callable | None,
-    program: StepProgram,
-    *,
-    wrap: Callable[[nn.Module], nn.Module],
-    world_size: int,
-    rank: int,
-    param_dtype: torch.dtype | None,
-    prepare: Callable[[nn.Module], None] | None,
-    device: DeviceModel | None,
-    shared: tuple,
-    steps_context: Callable[[], Any],
-) -> Trace:
-    device = device or DeviceModel()
+def _trace_on_fake_world(model: nn.Module, batch: Any, make_optimizer: Callable | None, program: StepProgram,
+                         wrap: Callable[[nn.Module], nn.Module], world_size: int, rank: int,
+                         param_dtype: torch.dtype | None, prepare: Callable[[nn.Module], None] | None,
+                         device: DeviceModel, shared: tuple, steps_context: Callable[[], Any]) -> Trace:
+    """:func:`trace_wrapped`'s work, on the calling thread."""
     with fake_world(world_size, rank), _fsdp1_storage_checks(), warnings.catch_warnings():
         # FSDP1 reads data_ptr() of fake tensors in a check it tolerates; torch warns about each read
         warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
