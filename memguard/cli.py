@@ -290,9 +290,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     """``memguard check CONFIG ...``: load, check, print; the exit code is the check's."""
     from memguard import report
 
-    if args.plot and not args.plot.lower().endswith(report.PLOT_SUFFIXES):
-        print(f"memguard: error: --plot {args.plot}: the file must end in .png, .html or .htm", file=sys.stderr)
-        return EXIT_INVALID
+    if args.plot:
+        problem = _plot_problem(args.plot, report.PLOT_SUFFIXES)
+        if problem:
+            print(f"memguard: error: --plot {args.plot}: {problem}", file=sys.stderr)
+            return EXIT_INVALID
     with _quiet_libraries(args.debug):
         with _startup():
             from dataclasses import replace
@@ -312,14 +314,35 @@ def _cmd_check(args: argparse.Namespace) -> int:
                                                                         replace(options, **{k: n})))
         if args.min_gpus:
             min_gpus(result, per_node=args.devices or 8)
+    written = report.plot(result, args.plot) if args.plot else None  # before the verdict: a failure is exit 2 alone
     if args.json:
         print(json.dumps(report.to_json(result), indent=2))
     else:
         print(report.render_check(result))
-    if args.plot:
-        written = report.plot(result, args.plot)
+    if written:
         print(f"memguard: wrote {written}", file=sys.stderr)
     return result.exit_code
+
+
+def _plot_problem(path: str, suffixes: tuple[str, ...]) -> str | None:
+    """What stops ``--plot PATH`` from being written, found before any work: a wrong suffix, a folder that
+    does not exist or cannot be written, a folder in the file's place, matplotlib missing for a PNG."""
+    import importlib.util
+    from pathlib import Path
+
+    if not path.lower().endswith(suffixes):
+        return "the file must end in .png, .html or .htm"
+    target = Path(path).expanduser()
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        return f"the folder {str(folder)!r} does not exist"
+    if target.is_dir():
+        return "is a folder"
+    if not os.access(folder, os.W_OK):
+        return f"the folder {str(folder)!r} is not writable"
+    if path.lower().endswith(".png") and importlib.util.find_spec("matplotlib") is None:
+        return "a PNG needs matplotlib: pip install 'memguard[plot]' (or write .html)"
+    return None
 
 
 _FREEZE_AFTER_STARTUP = False

@@ -10,7 +10,7 @@ from enum import Enum
 
 import torch
 
-from memguard.errors import unknown_name
+from memguard.errors import InvalidArgumentError, closest, unknown_name
 
 
 class Precision(str, Enum):
@@ -64,3 +64,43 @@ _ALIASES = {
     "fp16-mixed": "16-mixed",
     "fp16-true": "16-true",
 }
+
+
+LIGHTNING_2_PRECISIONS = ("16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true", "64-true", "64", "32", "16",
+                          "bf16", "transformer-engine", "transformer-engine-float16")
+"""``Trainer(precision=...)`` values of Lightning 2.x (``lightning_fabric.connector._PRECISION_INPUT``), for
+when Lightning is not installed."""
+
+
+def lightning_precisions() -> tuple[str, ...]:
+    """The precision values the installed Lightning's Trainer accepts (integers as their strings)."""
+    import typing
+
+    try:
+        from lightning_fabric import connector
+    except ImportError:
+        return LIGHTNING_2_PRECISIONS
+    values = []
+    for name in ("_PRECISION_INPUT_STR", "_PRECISION_INPUT_STR_ALIAS", "_PRECISION_INPUT_INT"):
+        values += [str(v) for v in typing.get_args(getattr(connector, name, None))]
+    return tuple(dict.fromkeys(values)) or LIGHTNING_2_PRECISIONS
+
+
+def parse_lightning(value: object) -> Precision:
+    """A ``Trainer(precision=...)`` value: exactly what Lightning accepts (so a config that passes here
+    starts in Lightning), as the precision memguard predicts. A spelling memguard knows but Lightning
+    refuses ("fp16") is answered with Lightning's name for it."""
+    text = str(value).strip().lower() if not isinstance(value, bool) else repr(value)
+    accepted = lightning_precisions()
+    if text not in accepted:
+        try:
+            meant = [Precision.parse(text).value]
+        except InvalidArgumentError:
+            meant = [c for c in closest(text, accepted)]
+        hint = f" Did you mean {', '.join(repr(m) for m in meant)}?" if meant else ""
+        raise InvalidArgumentError(f"Lightning's Trainer does not accept precision {str(value)!r}.{hint} "
+                                   f"Valid: {', '.join(accepted)}.")
+    if text.startswith("transformer-engine") or text.startswith("64"):
+        raise InvalidArgumentError(f"precision {text!r} is accepted by Lightning but memguard does not predict it; "
+                                   f"it predicts {', '.join(m.value for m in Precision)}")
+    return Precision.parse(text)

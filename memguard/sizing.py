@@ -211,12 +211,9 @@ def _budget(budget: int | float | str | None, gpu: Any, estimate_kwargs: dict[st
 
 def _margin(margin: float | None, caller: str) -> float:
     from memguard.plan import DEFAULT_MARGIN
+    from memguard.validation import margin as checked
 
-    if margin is None:
-        return DEFAULT_MARGIN
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < 1.0:
-        raise InvalidArgumentError(f"{caller}: margin must be a number in [0, 1) (0.05 = 5%), got {margin!r}")
-    return float(margin)
+    return DEFAULT_MARGIN if margin is None else checked(margin, f"{caller}(margin=)")
 
 
 def _sized(model: Any, make_batch: Callable[[int], Any], knob: str, *, budget: Any, gpu: Any,

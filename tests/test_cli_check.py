@@ -81,7 +81,7 @@ def test_replicated_multi_gpu_run_is_sharded_when_allowed(capsys: pytest.Capture
 @pytest.mark.parametrize("argv, message", [
     (["examples/nope.yaml"], r"examples/nope.yaml: no such file"),
     ([GPT2, "--gpu", "Z100"], r"command line: --gpu: unknown GPU 'Z100'"),
-    ([GPT2, "--set", "trainer.precision=bf17"], r"trainer.precision: unknown precision 'bf17'. Did you mean"),
+    ([GPT2, "--set", "trainer.precision=bf17"], r"trainer.precision: Lightning's Trainer does not accept precision 'bf17'. Did you mean"),
     ([GPT2, "--margin", "-1"], r"--margin: must be >= 0"),
     ([GPT2, "--plot", "out.svg"], r"--plot out.svg: the file must end in .png, .html or .htm"),
     ([GPT2, "--gpu"], r"argument --gpu: expected one argument"),

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from memguard import strategies, _lightning, checkpointing
+from memguard import strategies, _lightning, checkpointing, validation
 from memguard.errors import MemguardError
 from memguard.results import Estimate
 from memguard.act.guard import (
@@ -102,14 +102,8 @@ class MemGuard(*_lightning.callback_bases()):  # type: ignore[misc]
         self.found_batch_size: int | None = None
         self.policy = check_policy(policy)
         self.budget = parse_bytes(budget)
-        self.margin = margin
-        self.allow = tuple(allow) if allow is not None else None
-        if self.allow is not None:
-            for knob in self.allow:
-                if knob not in KNOBS:
-                    from memguard.errors import unknown_name
-
-                    raise unknown_name("knob", knob, KNOBS)
+        self.margin = validation.margin(margin, "MemGuard(margin=)")
+        self.allow = validation.names(allow, "MemGuard(allow=)", KNOBS, "knob") if allow is not None else None
         self.example_batch = example_batch
         self.loss_fn = loss_fn
         self.batch_arg_name = batch_arg_name

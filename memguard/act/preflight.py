@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memguard import checkpointing
+from memguard import checkpointing, validation
 from memguard.act.guard import (
     Decision,
     OutOfMemoryPredicted,
@@ -22,7 +22,7 @@ from memguard.act.guard import (
     optimizers_available,
 )
 from memguard.optimizers import catalog_name
-from memguard.plan import DEFAULT_MARGIN, TrainingConfig, batch_size_of, estimator
+from memguard.plan import DEFAULT_MARGIN, KNOBS, TrainingConfig, batch_size_of, estimator
 from memguard.precision import Precision
 from memguard.quiet import quiet
 from memguard.units import parse_bytes
@@ -63,6 +63,9 @@ def preflight(
     compiled with torch.compile is predicted compiled without it.
     """
     check_policy(policy)
+    margin = validation.margin(margin, "preflight(margin=)")
+    if allow is not None:
+        allow = validation.names(allow, "preflight(allow=)", KNOBS, "knob")
     target = _device(device)
     capacity = detect_capacity(target, parse_bytes(budget))
     factory, name = _optimizer(optimizer, model, target.type)

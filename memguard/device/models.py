@@ -364,8 +364,11 @@ def device_model(device: str | torch.device | DeviceModel, gpu: str | CatalogGPU
         if str(device).split(":")[0] != "cuda":
             raise InvalidArgumentError(f"gpu={gpu!r} needs device='cuda', got device={device!r}")
         return CUDADevice.for_gpu(gpu if isinstance(gpu, CatalogGPU) else lookup(gpu))
-    kind = torch.device(device).type if not isinstance(device, str) or ":" in device or device in (
-        "cpu", "cuda") else device
+    try:
+        kind = torch.device(device).type if not isinstance(device, str) or ":" in device or device in (
+            "cpu", "cuda") else device
+    except (RuntimeError, TypeError) as exc:  # torch's own message lists every device type it was built with
+        raise unknown_name("device", str(device), ["cpu", "cuda"]) from exc
     if kind == "cpu":
         return CPUDevice()
     if kind == "cuda":

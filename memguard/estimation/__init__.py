@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memguard.device.models import DeviceModel
+from memguard.device.models import DeviceModel, device_model
 from memguard.errors import InvalidArgumentError
 from memguard.estimation.distributed import estimate_ranks
 from memguard.estimation.repeated import estimate_by_depth
@@ -94,6 +94,12 @@ def estimate(
     )
     if on_untraceable not in ("raise", "bound"):
         raise InvalidArgumentError(f"on_untraceable must be 'raise' or 'bound', got {on_untraceable!r}")
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"estimate(model=) must be a torch.nn.Module, got {type(model).__name__}")
+    if batch is None:
+        raise InvalidArgumentError("estimate(batch=) is None: give an example batch (a tensor, or a tuple, list or "
+                                   "dict of tensors, on any device including meta), as the training step receives it")
+    device_model(device, gpu)  # an unknown device is named here, before anything is traced
     if req.distributed:
         return estimate_ranks(model, batch, req)
     return estimate_by_depth(model, batch, req, estimate_one) or estimate_one(model, batch, req)

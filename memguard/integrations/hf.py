@@ -20,7 +20,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
     raise ImportError("memguard.integrations.hf needs transformers: pip install 'memguard[transformers]'") from exc
 
-from memguard import advice, checkpointing
+from memguard import advice, checkpointing, validation
 from memguard.act.guard import Decision, OutOfMemoryPredicted, check_policy, explain
 from memguard.errors import InvalidArgumentError, unknown_name
 from memguard.units import parse_bytes
@@ -54,7 +54,7 @@ class MemGuardCallback(TrainerCallback):
                  example_batch: Any = None) -> None:
         self.policy = check_policy(policy)
         self.budget = parse_bytes(budget)
-        self.margin = margin
+        self.margin = validation.margin(margin, "MemGuardCallback(margin=)")
         self.example_batch = example_batch
         self.decision: Decision | None = None
         self.suggested: dict[str, Any] = {}

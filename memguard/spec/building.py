@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_map
 
 from memguard import presets
 from memguard.optimizers import first_optimizer
-from memguard.errors import InvalidArgumentError, unknown_name
+from memguard.errors import InvalidArgumentError, closest, unknown_name
 from memguard.plan import TrainingConfig, batch_size_of
 from memguard.spec.check_spec import CheckSpec, LoraSpec, _cached
 from memguard.spec.problems import _Problems
@@ -378,10 +378,25 @@ def _with_lora(factory: Callable[[], nn.Module], lora: LoraSpec, problems: _Prob
                 warnings.simplefilter("ignore")
                 return get_peft_model(model, config)
         except Exception as exc:  # noqa: BLE001 - peft's errors name the modules it could not find
-            problems.add("lora.target_modules", f"peft could not add adapters: {_first_line(exc)}")
+            problems.add("lora.target_modules", f"peft could not add adapters: {_first_line(exc)}"
+                                                f"{_target_hint(model, lora.target_modules)}")
             raise _Reported from None
 
     return build
+
+
+def _target_hint(model: nn.Module, targets: Any) -> str:
+    """For each LoRA target that names no module of ``model``, the module names closest to it."""
+    if not isinstance(targets, (tuple, list)):
+        return ""
+    leaves = sorted({name.rpartition(".")[2] for name, _ in model.named_modules() if name})
+    hints = []
+    for target in targets:
+        if isinstance(target, str) and target not in leaves:
+            near = closest(target, leaves)
+            if near:
+                hints.append(f"{target!r}: did you mean {', '.join(repr(n) for n in near)}?")
+    return (" " + "; ".join(hints)) if hints else ""
 
 
 def _instantiate(value: Any, config_dir: Path) -> Any:

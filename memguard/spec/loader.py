@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from memguard import optimizers
+from memguard import optimizers, validation
 from memguard.errors import InvalidArgumentError, closest, unknown_name
 from memguard.device.catalog import lookup
 from memguard.plan import DEFAULT_MARGIN, KNOBS
-from memguard.precision import Precision
+from memguard.precision import parse_lightning
 from memguard.quantization import QuantScheme
 from memguard.trace.compiled import CompileSpec
 from memguard.spec.building import _Building, _show
@@ -26,7 +26,7 @@ from memguard.spec.check_spec import CheckSpec, LoraSpec, Options
 from memguard.spec.problems import _Problems
 from memguard.spec.reading import import_class
 from memguard import strategies
-from memguard.spec.schema import LIGHTNING_TRAINER_ARGS, SCHEMA, STRATEGY_KEYS, TOP_LEVEL, _DATA_HINTS, _DTYPES, _MISSING, _OFFLOAD_DEVICES, _ZERO_STAGES, parse_knobs
+from memguard.spec.schema import LIGHTNING_TRAINER_ARGS, SCHEMA, STRATEGY_KEYS, TOP_LEVEL, _DATA_HINTS, _DTYPES, _MISSING, _OFFLOAD_DEVICES, _ZERO_STAGES
 
 
 class _Loader(_Building):
@@ -71,16 +71,23 @@ class _Loader(_Building):
                 shown = ", ".join(sorted(valid)) if listing is None else listing
                 self.problems.add(f"{section}.{key}" if section else key, f"unknown key.{hint} Valid: {shown}.")
 
+    def checked(self, key: str, check: Callable[..., Any], value: Any, **kwargs: Any) -> Any:
+        """``check(value, key, ...)`` from :mod:`memguard.validation`; its error becomes a problem at ``key``."""
+        try:
+            return check(value, key, **kwargs)
+        except InvalidArgumentError as exc:
+            message = str(exc)
+            for lead in (key + ": ", key + " "):
+                message = message[len(lead):] if message.startswith(lead) else message
+            self.problems.add(key, message)
+            return None
+
     def positive_int(self, key: str, value: Any) -> int | None:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.problems.add(key, f"must be a positive integer, got {_show(value)}")
-            return None
-        if value < 1:
-            self.problems.add(key, f"must be a positive integer, got {value}")
-            return None
-        return value
+        return None if value is None else self.checked(key, validation.positive_int, value)
+
+    def number(self, key: str, value: Any, *, low: float, high: float, low_open: bool = False) -> float | None:
+        return None if value is None else self.checked(key, validation.number, value, low=low, high=high,
+                                                       low_open=low_open)
 
     def boolean(self, key: str, value: Any) -> bool | None:
         if value is None or isinstance(value, bool):
@@ -88,17 +95,6 @@ class _Loader(_Building):
         self.problems.add(key, f"must be true or false, got {_show(value)}")
         return None
 
-    def number(self, key: str, value: Any, *, low: float, high: float, low_open: bool = False) -> float | None:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.problems.add(key, f"must be a number, got {_show(value)}")
-            return None
-        if value < low or (low_open and value == low) or value > high:
-            bound = f"{'>' if low_open else '>='} {low:g} and <= {high:g}"
-            self.problems.add(key, f"must be {bound}, got {value:g}")
-            return None
-        return float(value)
 
     def name(self, key: str, value: Any, parse: Callable[[str], Any]) -> Any:
         """Run a library parser (precision, optimizer, GPU...) and turn its error into a problem."""
@@ -194,7 +190,7 @@ class _Loader(_Building):
         out: dict[str, Any] = {}
         precision = trainer.get("precision")
         out["precision"] = "32-true" if precision is None else (
-            self.name("trainer.precision", precision, Precision.parse))
+            self.name("trainer.precision", precision, parse_lightning))
         out["gradient_checkpointing"] = self.boolean("trainer.gradient_checkpointing",
                                                      trainer.get("gradient_checkpointing"))
         out["accumulate_grad_batches"] = self.positive_int("trainer.accumulate_grad_batches",
@@ -504,7 +500,7 @@ class _Loader(_Building):
                                "zero_grad_before_backward": True}
         if mg.get("allow") is not None:
             out["allow"] = self.knobs("memguard.allow", mg["allow"], KNOBS)
-        margin = self.number("memguard.margin", mg.get("margin"), low=0, high=1)
+        margin = None if mg.get("margin") is None else self.checked("memguard.margin", validation.margin, mg["margin"])
         if margin is not None:
             out["margin"] = margin
         for key in ("fallback", "zero_grad_before_backward"):
@@ -516,15 +512,7 @@ class _Loader(_Building):
         return out
 
     def knobs(self, key: str, value: Any, valid: Sequence[str]) -> tuple[str, ...] | None:
-        items = parse_knobs(value) if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(k, str) for k in items):
-            self.problems.add(key, f"must be a list of knobs ({', '.join(valid)}), got {_show(value)}")
-            return None
-
-        bad = [k for k in items if k not in valid]
-        for k in bad:
-            self.problems.add(key, str(unknown_name("knob", k, valid)))
-        return None if bad else tuple(items)
+        return self.checked(key, validation.names, value, valid=valid, kind="knob")
 
     def tensors(self, key: str, value: Any) -> Any:
         """A batch described as ``{shape: [...], dtype: ...}`` leaves, alone, in a list or in a mapping."""
@@ -612,10 +600,9 @@ class _Loader(_Building):
             if o.num_nodes is not None:
                 out["num_nodes"] = self.positive_int("--num-nodes", o.num_nodes)
             if o.allow is not None:
-                knobs = parse_knobs(o.allow) if isinstance(o.allow, str) else list(o.allow)
-                out["allow"] = self.knobs("--allow", knobs, KNOBS)
+                out["allow"] = self.knobs("--allow", o.allow, KNOBS)
             if o.margin is not None:
-                out["margin"] = self.number("--margin", o.margin, low=0, high=1)
+                out["margin"] = self.checked("--margin", validation.margin, o.margin)
             if o.fallback is not None:
                 out["fallback"] = o.fallback
         return out

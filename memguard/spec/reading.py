@@ -66,8 +66,12 @@ def _read(path: Path, overrides: Sequence[str], problems: _Problems, options: Ma
     elif path.suffix.lower() == ".json":
         cfg = OmegaConf.create({"model": {"hf_config": str(path)}})
     else:
+        top, node = _composed(path)
+        if top not in ("mapping", "empty", "unreadable"):
+            problems.add("", f"the top level must be a mapping of sections (model:, data:, trainer: ...), not {top}")
+            return None
         try:
-            cfg = OmegaConf.load(path)
+            cfg = _load_yaml(path, node)
         except Exception as exc:  # noqa: BLE001 - yaml and OmegaConf errors alike become one problem
             problems.add(*_yaml_problem(exc))
             return None
@@ -96,6 +100,52 @@ def _read(path: Path, overrides: Sequence[str], problems: _Problems, options: Ma
         inner = resolved.pop("fit")
         resolved = _deep_merge(inner, resolved)
     return resolved
+
+
+MAX_YAML_NODES = 5_000_000
+"""Nodes a config may have once its aliases are expanded. OmegaConf's default (10,000) refuses large plain
+files (a config with many ignored keys); its other guard, against aliases that expand a file more than a
+hundredfold (the "billion laughs"), stays on."""
+
+
+def _load_yaml(path: Path, node: Any) -> Any:
+    """The file as OmegaConf reads it. When a section memguard never reads (:data:`IGNORED_TOP_LEVEL`) has
+    content, OmegaConf reads the document without it (``node``, composed by libyaml, re-emitted with the
+    section empty): OmegaConf's own YAML reading is pure Python and takes seconds per ten thousand keys."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from memguard.spec.schema import IGNORED_TOP_LEVEL
+
+    if isinstance(node, yaml.MappingNode) and any(
+            isinstance(k, yaml.ScalarNode) and k.value in IGNORED_TOP_LEVEL for k, _ in node.value):
+        node.value = [(k, yaml.ScalarNode("tag:yaml.org,2002:null", "null"))
+                      if isinstance(k, yaml.ScalarNode) and k.value in IGNORED_TOP_LEVEL else (k, v)
+                      for k, v in node.value]
+        text = yaml.serialize(node, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper))
+        return OmegaConf.create(text)
+    try:
+        return OmegaConf.load(path, max_yaml_expanded_nodes=MAX_YAML_NODES)
+    except TypeError:  # an OmegaConf without alias limits (before 2.4)
+        return OmegaConf.load(path)
+
+
+def _composed(path: Path) -> tuple[str, Any]:
+    """The file's top-level YAML node, composed by libyaml without constructing anything (aliases are not
+    expanded), and what it is: "mapping", "a list", "a plain string or number", "empty", or "unreadable"
+    when YAML cannot parse it (the loader then says why, with the line)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            node = yaml.compose(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except Exception:  # noqa: BLE001 - reported by the loader with its line and column
+        return "unreadable", None
+    if node is None:
+        return "empty", None
+    if isinstance(node, yaml.MappingNode):
+        return "mapping", node
+    return ("a list" if isinstance(node, yaml.SequenceNode) else "a plain string or number"), node
 
 
 _OPTION_KEYS = {"batch_size": "data.batch_size", "seq_len": "data.seq_len", "image_size": "data.image_size",

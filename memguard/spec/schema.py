@@ -67,6 +67,9 @@ TOP_LEVEL = ("model", "data", "optimizer", "trainer", "gpu", "lora", "quantizati
 """Top-level keys: memguard's own plus LightningCLI's (``lr_scheduler``, ``seed_everything`` and
 ``ckpt_path`` are accepted and do not change memory)."""
 
+IGNORED_TOP_LEVEL = ("lr_scheduler", "seed_everything", "ckpt_path")
+"""LightningCLI's top-level keys that do not change memory: their contents are never read."""
+
 LIGHTNING_TRAINER_ARGS = frozenset({
     "accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks", "fast_dev_run",
     "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches", "limit_val_batches",
@@ -132,6 +135,3 @@ _MAX_DEFAULT_SEQ_LEN = 8192
 releases are trained mostly at this length."""
 
 
-def parse_knobs(text: str) -> list[str]:
-    """``"precision,optimizer"`` -> ``["precision", "optimizer"]``; an empty string allows no knob."""
-    return [k.strip() for k in text.split(",") if k.strip()]
