@@ -387,6 +387,22 @@ def test_many_layouts_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert est.per_rank.count(est.peak_bytes) >= 2  # untraced ranks are bounded by the largest traced one
 
 
+def test_a_group_larger_than_traced_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP over more ranks than memguard runs FSDP's code for: traced smaller, every rank bounded by it
+    plus the padding a larger group adds, never below the exact per-rank prediction."""
+    import memguard.estimation.distributed as md
+
+    model, batch = _small()
+    strategy = _fsdp_strategy(auto_wrap_policy={Block})
+    exact = estimate_distributed(model, batch, strategy=strategy, world_size=4, device=CPU)
+    monkeypatch.setattr(md, "MAX_TRACED_GROUP", 2)
+    bounded = estimate_distributed(model, batch, strategy=strategy, world_size=4, device=CPU)
+    assert bounded.approximate and any("traced as 2" in n for n in bounded.notes)
+    assert bounded.per_rank == [bounded.peak_bytes] * 4
+    assert bounded.peak_bytes >= max(exact.per_rank)
+    assert bounded.peak_bytes <= 1.5 * max(exact.per_rank)
+
+
 def test_ddp_bucket_views_never_cost_more() -> None:
     model, batch = _small()
     plain = estimate_distributed(model, batch, strategy="ddp", world_size=2, device=CPU)

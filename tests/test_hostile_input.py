@@ -104,3 +104,16 @@ def test_the_shared_checks() -> None:
     assert validation.names("", "allow", ["a"], "knob") == ()
     with pytest.raises(InvalidArgumentError, match="must be a list of knobs"):
         validation.names(3, "allow", ["a"], "knob")
+
+
+def test_a_hundred_thousand_nodes_answer_like_a_few(tmp_path, capsys) -> None:
+    """Per-rank work does not grow with identical ranks: FSDP over 8 x 100,000 GPUs is traced as a bounded
+    group (the note says so) and answered with exit 0."""
+    (tmp_path / "llama.json").write_text(
+        '{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 64, '
+        '"intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64}')
+    path = config(tmp_path, "model: {hf_config: llama.json}\ndata: {batch_size: 2, seq_len: 32}\n"
+                            "trainer: {strategy: fsdp, devices: 8, num_nodes: 100000}\ngpu: A100-80GB\n")
+    code, out, err = check(capsys, path)
+    assert code == 0, err
+    assert "the sharding group has 800,000 ranks: traced as 1,024" in " ".join(out.split())

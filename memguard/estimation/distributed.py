@@ -97,23 +97,36 @@ added to ``device_bytes`` of CUDA targets with more than one rank (never to ``pe
 MAX_TRACED_RANKS = 8
 """At most this many distinct shard layouts are traced; the others are bounded by the largest traced rank."""
 
+MAX_TRACED_GROUP = 1024
+"""The largest sharding group FSDP1's own code is run for. Its per-rank work grows with the group (it cuts
+every flat parameter into one piece per rank), so a larger group (64,000 nodes of 8 GPUs, say) is traced as
+this many ranks and bounded: each rank then holds no more of the sharded state than traced, and the padding
+that grows with the group is added (:data:`PADDING_BUFFERS`)."""
+
+PADDING_BUFFERS = 4
+"""Gathered or padded buffers a rank may hold at once (the unit being computed, the one prefetched, a
+gradient being reduce-scattered, its padded copy): each is padded to a multiple of the group size, so a
+group larger than traced adds at most one element per extra rank to each, 4 bytes at most."""
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Which ranks are traced
 
 
-def _representatives(layouts: list[tuple]) -> tuple[dict[tuple, list[int]], list[tuple]]:
-    """Ranks grouped by layout, and the layouts to trace: all of them up to :data:`MAX_TRACED_RANKS`, else
-    rank 0's, the last rank's and those holding the most elements or the largest single slice."""
+def _representatives(layouts: list[tuple], limit: int | None = None) -> tuple[dict[tuple, list[int]], list[tuple]]:
+    """Ranks grouped by layout, and the layouts to trace: all of them up to ``limit`` (default
+    :data:`MAX_TRACED_RANKS`), else rank 0's, the last rank's and those holding the most elements or the
+    largest single slice."""
+    limit = MAX_TRACED_RANKS if limit is None else limit
     groups: dict[tuple, list[int]] = {}
     for rank, key in enumerate(layouts):
         groups.setdefault(key, []).append(rank)
     keys = list(groups)
-    if len(keys) <= MAX_TRACED_RANKS:
+    if len(keys) <= limit:
         return groups, keys
     chosen = dict.fromkeys([layouts[0], layouts[-1]])
     for key in sorted(keys, key=lambda k: (sum(k), max(k, default=0)), reverse=True):
-        if len(chosen) >= MAX_TRACED_RANKS:
+        if len(chosen) >= limit:
             break
         chosen.setdefault(key)
     return groups, list(chosen)
@@ -197,25 +210,43 @@ def _sharded(model: nn.Module, batch: Any, spec: Strategy, world_size: int, num_
             "build with torch.distributed (this one has none); DDP and DeepSpeed estimates do not need it")
     opts = spec.options
     hybrid = spec.kind is Kind.FSDP and "HYBRID" in opts.sharding_strategy
-    group = world_size // num_nodes if hybrid else world_size
+    full_group = world_size // num_nodes if hybrid else world_size
+    # FSDP1 pads each flat parameter by fewer elements than the group has ranks, so a smaller trace bounds a
+    # larger group; FSDP2 pads every parameter's rows to a multiple of the group, a cost that grows with it
+    group = min(full_group, MAX_TRACED_GROUP) if spec.kind is Kind.FSDP else full_group
     layout: dict = {}
     first = _one_rank(model, batch, _sharded_tracer(spec, precision, group, 0, layout), req)
     if spec.kind is Kind.FSDP:
         keys = [fsdp1_rank_layout(layout.get("flat", []), r, group, opts.use_orig_params) for r in range(group)]
     else:
         keys = [fsdp2_rank_layout(layout.get("dims", []), r, group) for r in range(group)]
-    groups, chosen = _representatives(keys)
+    groups, chosen = _representatives(keys, 2 if group < full_group else None)  # bounded anyway: the largest
     traced = {keys[0]: first}
     for key in chosen:
         if key not in traced:
             traced[key] = _one_rank(model, batch, _sharded_tracer(spec, precision, group, groups[key][0], None), req)
     bound = max(e.peak_bytes for e in traced.values())
-    per_rank = [traced[keys[g % group]].peak_bytes if keys[g % group] in traced else bound for g in range(world_size)]
     worst = max(traced.values(), key=lambda e: e.peak_bytes)
+    if group < full_group:  # traced smaller: every rank bounded by the largest, plus the extra padding
+        extra = PADDING_BUFFERS * (full_group - group) * 4
+        for est in (worst,):
+            est.peak_bytes += extra
+            est.reserved_bytes += extra
+            est.device_bytes += extra
+            est.breakdown[Category.PARAMETERS] = est.breakdown.get(Category.PARAMETERS, 0) + extra
+        per_rank = [worst.peak_bytes] * world_size
+        worst.approximate = True
+    else:
+        per_rank = [traced[keys[g % group]].peak_bytes if keys[g % group] in traced else bound
+                    for g in range(world_size)]
     worst.per_rank = per_rank
     what = ("FSDP (FullyShardedDataParallel)" if spec.kind is Kind.FSDP else "FSDP2 (fully_shard per block, then root)")
     notes = [f"{what}: traced with the real FSDP code on a fake process group of {group} ranks; "
              f"{len(traced)} distinct shard layout(s) traced, one per group of identical ranks"]
+    if group < full_group:
+        notes.append(f"the sharding group has {full_group:,} ranks: traced as {group:,} (each rank holds no more of "
+                     f"the sharded state than that), plus {PADDING_BUFFERS * (full_group - group) * 4:,} bytes for "
+                     "the padding a larger group adds; an upper bound")
     if hybrid:
         notes.append(f"{opts.sharding_strategy}: sharded within each of {num_nodes} nodes ({group} ranks), "
                      "replicated across nodes (in-place all-reduce of the gradient shard)")
