@@ -7,27 +7,27 @@ import re
 
 from memguard.errors import InvalidArgumentError, unknown_name
 
-KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
+KiB, MiB, GiB, TiB, PiB, EiB = 2**10, 2**20, 2**30, 2**40, 2**50, 2**60
 
-BINARY = {"B": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB, "TiB": TiB}
+BINARY = {"B": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB, "TiB": TiB, "PiB": PiB, "EiB": EiB}
 """The units memguard writes sizes in."""
 
-_READ = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB}
+_READ = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15, "eb": 10**18,
+         "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB, "pib": PiB, "eib": EiB}
 """The units memguard reads (case-insensitive): decimal GB = 10**9 beside binary GiB = 2**30."""
 
 
 def unit_for(n: int) -> str:
     """The unit a table of sizes up to ``n`` is written in: the largest binary unit in which ``n`` is at
     least 1, so a 100 MiB budget reads "100.00 MiB", not "0.10 GiB"."""
-    return next((u for u in ("TiB", "GiB", "MiB", "KiB") if abs(n) >= BINARY[u]), "B")
+    return next((u for u in ("EiB", "PiB", "TiB", "GiB", "MiB", "KiB") if abs(n) >= BINARY[u]), "B")
 
 
 def format_bytes(n: int, unit: str = "auto") -> str:
     """``n`` bytes in a binary unit: ``"80.00 GiB"``, ``"512 B"``.
 
     ``unit="auto"`` picks the largest unit in which the magnitude is at least 1; otherwise one of
-    ``B``, ``KiB``, ``MiB``, ``GiB``, ``TiB``. Negative sizes (differences) keep their sign.
+    ``B``, ``KiB``, ``MiB``, ``GiB``, ``TiB``, ``PiB``, ``EiB``. Negative sizes (differences) keep their sign.
     """
     if unit == "auto":
         unit = unit_for(n)

@@ -4,6 +4,7 @@ argument named, the closest valid values, no traceback, and no verdict printed b
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -106,14 +107,28 @@ def test_the_shared_checks() -> None:
         validation.names(3, "allow", ["a"], "knob")
 
 
+TINY_LLAMA = ('{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 64, '
+              '"intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, '
+              '"max_position_embeddings": 64}')
+
+
 def test_a_hundred_thousand_nodes_answer_like_a_few(tmp_path, capsys) -> None:
     """Per-rank work does not grow with identical ranks: FSDP over 8 x 100,000 GPUs is traced as a bounded
     group (the note says so) and answered with exit 0."""
-    (tmp_path / "llama.json").write_text(
-        '{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 64, '
-        '"intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64}')
+    (tmp_path / "llama.json").write_text(TINY_LLAMA)
     path = config(tmp_path, "model: {hf_config: llama.json}\ndata: {batch_size: 2, seq_len: 32}\n"
                             "trainer: {strategy: fsdp, devices: 8, num_nodes: 100000}\ngpu: A100-80GB\n")
     code, out, err = check(capsys, path)
     assert code == 0, err
     assert "the sharding group has 800,000 ranks: traced as 1,024" in " ".join(out.split())
+
+
+def test_an_absurd_size_is_a_sentence_not_a_table(tmp_path, capsys) -> None:
+    (tmp_path / "llama.json").write_text(TINY_LLAMA)
+    path = config(tmp_path, "model: {hf_config: llama.json}\ndata: {batch_size: 1000000000, seq_len: 64}\n"
+                            "gpu: A100-80GB\n")
+    code, out, err = check(capsys, path, "--no-fallback")
+    assert code == 1, err
+    text = " ".join(out.split())
+    assert "TiB per device" in text and "times the 79.25 GiB available" in text and "Check the batch size" in text
+    assert not re.search(r"\d{6,}\.\d%", out) and "as configured [" not in out  # no table of absurd percents

@@ -33,6 +33,10 @@ _LETTERS = {
 }
 _WRAP = 100
 """Prose in the report wraps at this width; tables keep their own."""
+ABSURD = 100
+"""A need more than this many times the capacity is reported in a sentence, not a breakdown table."""
+
+
 def _pct(n: int, capacity: int) -> str:
     return f"{100 * n / capacity:.1f}%"
 
@@ -67,12 +71,18 @@ def render_report(
     if estimate.compiled:
         lines += [textwrap.fill(f"Predicted {estimate.compiled}: the compiled step's saved activations and "
                                 "buffers, as torch.compile runs it.", width=_WRAP), ""]
-    lines.append(f"Memory at the predicted peak ({estimate.peak_phase}), against {format_bytes(capacity_bytes)} "
-                 "of capacity:")
-    lines.append(_indent(_breakdown_table(estimate, capacity_bytes, plan, margin, unit)))
-    lines.append("")
-    bars = [("as configured", estimate)] + ([("with plan", plan.estimate)] if plan is not None else [])
-    lines.append(_indent(_bars(bars, capacity_bytes, margin)))
+    if need > ABSURD * capacity_bytes:  # a table of billions of percent says nothing: say it plainly
+        lines.append(textwrap.fill(
+            f"This configuration needs {format_bytes(need)} per device, {need / capacity_bytes:,.0f} times the "
+            f"{format_bytes(capacity_bytes)} available: far beyond what any change memguard can make recovers. "
+            "Check the batch size and sequence length; what holds the memory is listed below.", width=_WRAP))
+    else:
+        lines.append(f"Memory at the predicted peak ({estimate.peak_phase}), against {format_bytes(capacity_bytes)} "
+                     "of capacity:")
+        lines.append(_indent(_breakdown_table(estimate, capacity_bytes, plan, margin, unit)))
+        lines.append("")
+        bars = [("as configured", estimate)] + ([("with plan", plan.estimate)] if plan is not None else [])
+        lines.append(_indent(_bars(bars, capacity_bytes, margin)))
     if estimate.holders:
         lines += ["", holders_section(estimate)]
     if plan is not None:
