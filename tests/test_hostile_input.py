@@ -132,3 +132,39 @@ def test_an_absurd_size_is_a_sentence_not_a_table(tmp_path, capsys) -> None:
     text = " ".join(out.split())
     assert "TiB per device" in text and "times the 79.25 GiB available" in text and "Check the batch size" in text
     assert not re.search(r"\d{6,}\.\d%", out) and "as configured [" not in out  # no table of absurd percents
+
+
+NESTED = """
+import torch
+from torch import nn
+
+
+class Settings:
+    def __init__(self, width: int = 32):
+        self.width = width
+
+
+class Net(nn.Module):
+    def __init__(self, backbone: nn.Module = None, settings: Settings | None = None, extra: object = None):
+        super().__init__()
+        self.backbone = backbone or nn.Linear(8, 8)
+        self.head = nn.Linear(8, settings.width if settings else 8)
+        self.example_input_array = torch.zeros(2, 8)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+"""
+
+
+def test_nested_class_paths_build_only_modules_and_what_the_signature_asks_for(tmp_path, capsys) -> None:
+    (tmp_path / "nested_net.py").write_text(NESTED)
+    ok = config(tmp_path, "model:\n  class_path: nested_net.Net\n  init_args:\n"
+                          "    backbone: {class_path: torch.nn.Linear, init_args: {in_features: 8, out_features: 8}}\n"
+                          "    settings: {class_path: nested_net.Settings, init_args: {width: 16}}\ngpu: A100-80GB\n")
+    assert check(capsys, ok)[0] == 0
+    marker = tmp_path / "ran"
+    bad = config(tmp_path, "model:\n  class_path: nested_net.Net\n  init_args:\n"
+                           f"    extra: {{class_path: subprocess.Popen, init_args: {{args: [touch, '{marker}']}}}}\n")
+    code, out, err = check(capsys, bad, "--gpu", "A100-80GB")
+    assert code == 2 and out == "" and not marker.exists()
+    assert "model.init_args.extra.class_path: memguard builds only torch modules" in err

@@ -66,7 +66,40 @@ class _Building:
         if cls is not None and not issubclass(cls, nn.Module):
             self.problems.add("model.class_path", f"{model['class_path']!r} is not a torch.nn.Module")
             return None
+        if cls is not None and not self.nested_classes_allowed(init, cls, "model.init_args"):
+            return None
         return None if cls is None else {"class": cls, "init_args": init, "path": model["class_path"]}
+
+    def nested_classes_allowed(self, init: Mapping[str, Any], owner: type, key: str) -> bool:
+        """Every ``{class_path, init_args}`` nested in ``init`` names a class memguard may build: a torch
+        module, or a class the owner's own signature asks for at that argument (its annotation). Anything
+        else (``subprocess.Popen``...) is a problem at its key, found before anything is built. Importing a
+        class path runs its module's top-level code, as LightningCLI does."""
+        ok = True
+        for name, value in init.items():
+            ok &= self.nested_value_allowed(value, _annotation(owner, name), f"{key}.{name}")
+        return ok
+
+    def nested_value_allowed(self, value: Any, expected: Any, key: str) -> bool:
+        if isinstance(value, dict) and "class_path" in value and set(value) <= {"class_path", "init_args"}:
+            cls = self.cls(f"{key}.class_path", value["class_path"])
+            if cls is None:
+                return False
+            if not (issubclass(cls, nn.Module) or _asked_for(cls, expected)):
+                self.problems.add(f"{key}.class_path", f"memguard builds only torch modules and the classes the "
+                                                       f"model's own signature asks for; {value['class_path']!r} is "
+                                                       "neither, so it is not built")
+                return False
+            init = value.get("init_args") or {}
+            if not isinstance(init, dict):
+                self.problems.add(f"{key}.init_args", f"must be a mapping, got {_show(init)}")
+                return False
+            return self.nested_classes_allowed(init, cls, f"{key}.init_args")
+        if isinstance(value, dict):
+            return all([self.nested_value_allowed(v, None, f"{key}.{k}") for k, v in value.items()])
+        if isinstance(value, list):
+            return all([self.nested_value_allowed(v, None, f"{key}[{i}]") for i, v in enumerate(value)])
+        return True
 
     def hf_config(self, value: Any) -> dict[str, Any] | None:
         key = "model.hf_config"
@@ -397,6 +430,31 @@ def _target_hint(model: nn.Module, targets: Any) -> str:
             if near:
                 hints.append(f"{target!r}: did you mean {', '.join(repr(n) for n in near)}?")
     return (" " + "; ".join(hints)) if hints else ""
+
+
+def _annotation(owner: type, name: str) -> Any:
+    """The annotation of ``owner.__init__``'s argument ``name`` (None when it has none)."""
+    import inspect
+    import typing
+
+    try:
+        return typing.get_type_hints(owner.__init__).get(name)
+    except Exception:  # noqa: BLE001 - unresolvable forward references: the raw annotation, if a class
+        parameter = inspect.signature(owner.__init__).parameters.get(name) if callable(owner.__init__) else None
+        raw = getattr(parameter, "annotation", None)
+        return raw if isinstance(raw, type) else None
+
+
+def _asked_for(cls: type, expected: Any) -> bool:
+    """``cls`` is (a subclass of) a class named by the annotation ``expected`` (``X``, ``X | None``,
+    ``Optional[X]``, ``list[X]``...); ``object`` and ``Any`` ask for nothing in particular."""
+    import typing
+
+    if expected is None or expected is object or expected is typing.Any:
+        return False
+    if isinstance(expected, type):
+        return expected is not object and issubclass(cls, expected)
+    return any(_asked_for(cls, arg) for arg in typing.get_args(expected))
 
 
 def _instantiate(value: Any, config_dir: Path) -> Any:

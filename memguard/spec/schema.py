@@ -20,7 +20,7 @@ SCHEMA: dict[str, dict[str, str]] = {
         "preset": "a memguard preset name (memguard.presets.names())",
         "hf_config": "a transformers config.json, relative to the config file",
         "class_path": "an importable nn.Module or LightningModule class, built on the meta device",
-        "init_args": "keyword arguments of class_path (nested class_path entries are built too)",
+        "init_args": "keyword arguments of class_path (nested class_path entries: torch modules and the classes its signature asks for)",
         "num_labels": "classification presets: the size of the head",
     },
     "data": {
@@ -133,5 +133,3 @@ _DTYPES = {
 _MAX_DEFAULT_SEQ_LEN = 8192
 """A model's default sequence length is its position table, capped here as the presets are: long-context
 releases are trained mostly at this length."""
-
-
