@@ -31,17 +31,18 @@ class InvalidArgumentError(MemguardError, ValueError):
     """An argument has a value memguard does not understand; the message lists the valid ones."""
 
 
-def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
-    """The valid names nearest to ``word``, for "did you mean" messages."""
-    choices = list(choices)
+def closest(word: object, choices: Iterable[str], n: int = 3) -> list[str]:
+    """The valid names nearest to ``word`` (anything; a non-string is compared as written), for "did you
+    mean" messages."""
+    choices = [str(c) for c in choices]
     lowered = {c.lower(): c for c in choices}
-    hits = difflib.get_close_matches(word.lower(), list(lowered), n=n, cutoff=0.4)
+    hits = difflib.get_close_matches(str(word).lower(), list(lowered), n=n, cutoff=0.4)
     return [lowered[h] for h in hits]
 
 
-def unknown_name(kind: str, word: str, choices: Iterable[str]) -> InvalidArgumentError:
+def unknown_name(kind: str, word: object, choices: Iterable[str]) -> InvalidArgumentError:
     """An error for an unknown name that suggests the nearest valid ones and lists them all."""
-    choices = sorted(choices)
+    choices = sorted(str(c) for c in choices)
     near = closest(word, choices)
     hint = f" Did you mean {', '.join(repr(c) for c in near)}?" if near else ""
     return InvalidArgumentError(f"unknown {kind} {word!r}.{hint} Valid: {', '.join(choices)}.")
