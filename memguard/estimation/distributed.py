@@ -214,6 +214,8 @@ def _sharded(model: nn.Module, batch: Any, spec: Strategy, world_size: int, num_
     # FSDP1 pads each flat parameter by fewer elements than the group has ranks, so a smaller trace bounds a
     # larger group; FSDP2 pads every parameter's rows to a multiple of the group, a cost that grows with it
     group = min(full_group, MAX_TRACED_GROUP) if spec.kind is Kind.FSDP else full_group
+    if group > MAX_TRACED_GROUP:
+        raise _group_too_large("FSDP2", group)
     layout: dict = {}
     first = _one_rank(model, batch, _sharded_tracer(spec, precision, group, 0, layout), req)
     if spec.kind is Kind.FSDP:
@@ -271,6 +273,8 @@ def _tensor_parallel(model: nn.Module, batch: Any, spec: Strategy, world_size: i
     gives the first ranks the larger shards, and rank 0 bounds the others."""
     opts: TPOptions = spec.options
     dp, tp = opts.sizes(world_size, num_nodes)
+    if world_size > MAX_TRACED_GROUP:
+        raise _group_too_large("tensor parallelism with FSDP2", world_size)
     check_plan(opts, model)
     layout: dict = {}
     wrap = tp_wrapper(opts, precision, world_size, num_nodes, layout)
@@ -298,6 +302,15 @@ def _tensor_parallel(model: nn.Module, batch: Any, spec: Strategy, world_size: i
                      "every rank is bounded by rank 0's peak")
         est.approximate = True
     return est, notes
+
+
+def _group_too_large(what: str, ranks: int) -> InvalidArgumentError:
+    """FSDP2 pads every parameter's rows to a multiple of its group, so what a rank gathers grows with the
+    group, and so does the work of tracing it: beyond :data:`MAX_TRACED_GROUP` ranks memguard says so."""
+    return InvalidArgumentError(
+        f"{what} over {ranks:,} ranks: memguard traces groups of up to {MAX_TRACED_GROUP:,} ranks (FSDP2 pads "
+        "each parameter to a multiple of the group, so a rank's gathered buffers and memguard's work grow with "
+        "it); check fewer nodes, or shard within nodes (FSDP's HYBRID_SHARD)")
 
 
 def _deepspeed(model: nn.Module, batch: Any, spec: Strategy, world_size: int, req: EstimateRequest,
@@ -391,6 +404,8 @@ def estimate_ranks(model: nn.Module, batch: Any, req: EstimateRequest) -> Estima
             raise InvalidArgumentError(f"strategy {row.name!r} runs one process; got world_size={world_size}")
         strategy = row.several  # Lightning's "auto" picks DDP for several devices
     spec = parse_strategy(strategy)
+    if spec.kind is Kind.TP and world_size == 1:  # a tensor-parallel group of one rank is one process
+        return estimate_one(model, batch, dataclasses.replace(req, strategy=None))
     dev = device_model(req.device, req.gpu)
     req = dataclasses.replace(req, device=dev, gpu=None)  # one instance for every rank: kernel measurements are shared
     precision = req.precision
