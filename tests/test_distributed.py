@@ -576,3 +576,12 @@ def test_tensor_parallel_sizes_are_checked() -> None:
     with pytest.raises(InvalidArgumentError, match="did you mean 'colwise'|Did you mean 'colwise'"):
         estimate_distributed(model, _ids(2, 16), strategy=Strategy(Kind.TP, "tp", TPOptions(plan={"blocks.*.attn.q": "colwse"})),
                              world_size=2, device=CPU)
+
+
+def test_fsdp2_beyond_the_traced_group_is_refused_and_one_tp_rank_is_one_process() -> None:
+    model, batch = _small()
+    with pytest.raises(InvalidArgumentError, match="FSDP2 over 2,048 ranks: memguard traces groups of up to 1,024"):
+        estimate_distributed(model, batch, strategy="fsdp2", world_size=2048, device=CPU)
+    one = estimate_distributed(model, batch, strategy=Strategy(Kind.TP, "tp", TPOptions(plan={"0": "colwise"})),
+                               world_size=1, device=CPU)
+    assert one.peak_bytes == estimate_distributed(model, batch, strategy="auto", world_size=1, device=CPU).peak_bytes
