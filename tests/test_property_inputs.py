@@ -23,7 +23,7 @@ from memguard.act.callback import MemGuard  # noqa: E402
 from memguard.cli import main  # noqa: E402
 
 EXIT_CODES = {0, 1, 2, 3}
-SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=15, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
