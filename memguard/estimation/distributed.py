@@ -61,7 +61,7 @@ from memguard.estimation.fsdp_wrap import fsdp1_wrapper, fsdp2_wrapper, fsdp1_ra
 from memguard.estimation.request import EstimateRequest
 from memguard.estimation.rewrites import ddp_trace, host_resident_trace
 from memguard.estimation.sharded_trace import fake_world, trace_wrapped
-from memguard.estimation.tensor_parallel import casts_parameters, check_plan, how, tp_wrapper
+from memguard.estimation.tensor_parallel import ROUTES, check_plan, memguard_shards_data, route, tp_wrapper
 from memguard.estimation.single import estimate_one
 from memguard.estimation.strategy_options import (
     DDP_FIRST_BUCKET_BYTES,
@@ -229,13 +229,12 @@ def _sharded(model: nn.Module, batch: Any, spec: Strategy, world_size: int, num_
             traced[key] = _one_rank(model, batch, _sharded_tracer(spec, precision, group, groups[key][0], None), req)
     bound = max(e.peak_bytes for e in traced.values())
     worst = max(traced.values(), key=lambda e: e.peak_bytes)
+    extra = PADDING_BUFFERS * (full_group - group) * 4  # what a group larger than traced adds in padding
     if group < full_group:  # traced smaller: every rank bounded by the largest, plus the extra padding
-        extra = PADDING_BUFFERS * (full_group - group) * 4
-        for est in (worst,):
-            est.peak_bytes += extra
-            est.reserved_bytes += extra
-            est.device_bytes += extra
-            est.breakdown[Category.PARAMETERS] = est.breakdown.get(Category.PARAMETERS, 0) + extra
+        worst.peak_bytes += extra
+        worst.reserved_bytes += extra
+        worst.device_bytes += extra
+        worst.breakdown[Category.PARAMETERS] = worst.breakdown.get(Category.PARAMETERS, 0) + extra
         per_rank = [worst.peak_bytes] * world_size
         worst.approximate = True
     else:
@@ -247,7 +246,7 @@ def _sharded(model: nn.Module, batch: Any, spec: Strategy, world_size: int, num_
              f"{len(traced)} distinct shard layout(s) traced, one per group of identical ranks"]
     if group < full_group:
         notes.append(f"the sharding group has {full_group:,} ranks: traced as {group:,} (each rank holds no more of "
-                     f"the sharded state than that), plus {PADDING_BUFFERS * (full_group - group) * 4:,} bytes for "
+                     f"the sharded state than that), plus {extra:,} bytes for "
                      "the padding a larger group adds; an upper bound")
     if hybrid:
         notes.append(f"{opts.sharding_strategy}: sharded within each of {num_nodes} nodes ({group} ranks), "
@@ -278,8 +277,8 @@ def _tensor_parallel(model: nn.Module, batch: Any, spec: Strategy, world_size: i
     check_plan(opts, model)
     layout: dict = {}
     wrap = tp_wrapper(opts, precision, world_size, num_nodes, layout)
-    drop_autocast = casts_parameters(opts, world_size, num_nodes) and precision in (Precision.BF16_MIXED,
-                                                                                   Precision.FP16_MIXED)
+    how = route(opts, model)
+    drop_autocast = memguard_shards_data(how, dp) and precision in (Precision.BF16_MIXED, Precision.FP16_MIXED)
     loss_context = contextlib.nullcontext
     if opts.loss_parallel:
         from torch.distributed.tensor.parallel import loss_parallel as loss_context
@@ -296,7 +295,7 @@ def _tensor_parallel(model: nn.Module, batch: Any, spec: Strategy, world_size: i
     est = _one_rank(model, batch, tracer, req)
     est.per_rank = [est.peak_bytes] * world_size
     notes = [f"tensor parallel: {tp} ranks per tensor-parallel group x {dp} data-parallel, traced on rank 0 with "
-             f"DTensor's own code ({how(opts, model)}) on a fake process group"]
+             f"DTensor's own code ({ROUTES[how]}) on a fake process group"]
     if not layout.get("even", True):
         notes.append("some sharded dimensions do not divide by the mesh: the first ranks hold the larger shards; "
                      "every rank is bounded by rank 0's peak")

@@ -115,29 +115,42 @@ def fsdp2_blocks(model: nn.Module, block_classes: tuple[type, ...]) -> list[nn.M
     return checkpointing.repeated_blocks(model)
 
 
-def fsdp2_wrapper(opts: FSDP2Options, precision: Precision, world_size: int,
-                   layout: dict | None = None) -> Callable[[nn.Module], nn.Module]:
-    """``fully_shard`` on each repeated block, then on the root (torchtitan's ``apply_fsdp``), on a 1-D
-    "cpu" mesh of the trace's world. Mixed precision follows ``precision`` unless given: half parameters
-    for the compute, gradients reduced in float32 (torchtitan's default ``reduce_dtype``)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def fsdp2_policy(precision: Precision, param_dtype: torch.dtype | None = None,
+                 reduce_dtype: torch.dtype | None = None) -> Any:
+    """FSDP2's ``MixedPrecisionPolicy``: as given, else following ``precision``: half parameters for the
+    compute, gradients reduced in float32 (torchtitan's default ``reduce_dtype``)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     half = HALF_DTYPES.get(precision) if precision in (Precision.FP16_MIXED, Precision.BF16_MIXED) else None
-    param_dtype = opts.param_dtype or half
-    reduce_dtype = opts.reduce_dtype or (torch.float32 if param_dtype is not None else None)
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    param_dtype = param_dtype or half
+    reduce_dtype = reduce_dtype or (torch.float32 if param_dtype is not None else None)
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+
+def shard_blocks(module: nn.Module, mesh: Any, policy: Any, block_classes: tuple[type, ...] = (),
+                 reshard_after_forward: bool = True) -> None:
+    """``fully_shard`` on each repeated block, then on the root (torchtitan's ``apply_fsdp``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = fsdp2_blocks(module, block_classes)
+    for i, block in enumerate(blocks):
+        # torchtitan does not reshard the last block after forward: backward needs it first
+        last = i == len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward and not last)
+    fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+
+
+def fsdp2_wrapper(opts: FSDP2Options, precision: Precision, world_size: int,
+                   layout: dict | None = None) -> Callable[[nn.Module], nn.Module]:
+    """:func:`shard_blocks` on a 1-D "cpu" mesh of the trace's world, with :func:`fsdp2_policy`."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    policy = fsdp2_policy(precision, opts.param_dtype, opts.reduce_dtype)
 
     def wrap(module: nn.Module) -> nn.Module:
         with unset_fake_temporarily():
             mesh = init_device_mesh("cpu", (world_size,))
-        blocks = fsdp2_blocks(module, opts.block_classes)
-        for i, block in enumerate(blocks):
-            # torchtitan does not reshard the last block after forward: backward needs it first
-            last = i == len(blocks) - 1
-            fully_shard(block, mesh=mesh, mp_policy=policy,
-                        reshard_after_forward=opts.reshard_after_forward and not last)
-        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=opts.reshard_after_forward)
+        shard_blocks(module, mesh, policy, opts.block_classes, opts.reshard_after_forward)
         if layout is not None:
             layout["dims"] = [int(p.shape[0]) if p.dim() else 1 for p in module.parameters()]
         return module
@@ -179,4 +192,4 @@ def fsdp2_rank_layout(dims: list[int], rank: int, world_size: int) -> tuple[int,
     return tuple(out)
 
 
-__all__ = ["fsdp2_blocks", "fsdp1_rank_layout", "fsdp1_wrapper", "fsdp2_rank_layout", "fsdp2_wrapper"]
+__all__ = ["fsdp2_blocks", "fsdp2_policy", "shard_blocks", "fsdp1_rank_layout", "fsdp1_wrapper", "fsdp2_rank_layout", "fsdp2_wrapper"]

@@ -22,8 +22,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from memguard.errors import InvalidArgumentError, unknown_name
-from memguard.estimation.fsdp_wrap import fsdp2_blocks
-from memguard.estimation.strategy_options import HALF_DTYPES, TPOptions
+from memguard.estimation.fsdp_wrap import fsdp2_policy, shard_blocks
+from memguard.estimation.strategy_options import TPOptions
 from memguard.precision import Precision
 
 MESH_DIMS = ("data_parallel", "tensor_parallel")
@@ -100,13 +100,41 @@ def _own_configure_model(module: nn.Module) -> bool:
     return False
 
 
+ROUTES = {
+    "parallelize": "the run's parallelize function",
+    "configure_model": "the LightningModule's configure_model",
+    "transformers": "transformers' own tensor parallelism and plan",
+    "plan": "the given plan",
+    "model_plan": "the model's plan",
+}
+"""The ways a model is parallelised (see :class:`TPOptions`), and how the estimate's notes say each."""
+
+
+def route(opts: TPOptions, model: nn.Module) -> str:
+    """Which way ``model`` is parallelised, first that applies (a key of :data:`ROUTES`)."""
+    if opts.parallelize is not None:
+        return "parallelize"
+    if opts.plan is not None:
+        return "plan"
+    if _own_configure_model(model):
+        return "configure_model"
+    return "transformers" if _transformers_tp(model) else "model_plan"
+
+
+def memguard_shards_data(how: str, data_parallel_size: int) -> bool:
+    """Whether memguard applies FSDP2 over the data-parallel dimension itself: a plan (given, the model's or
+    transformers') and more than one data-parallel rank. Its mixed-precision policy then casts the
+    parameters, so the run has no autocast, as under FSDP2; a parallelize function or configure_model shards
+    as it likes."""
+    return data_parallel_size > 1 and how in ("transformers", "plan", "model_plan")
+
+
 def tp_wrapper(opts: TPOptions, precision: Precision, world_size: int, num_nodes: int,
                layout: dict | None = None) -> Callable[[nn.Module], nn.Module]:
-    """Parallelise a module the way the run does (see :class:`TPOptions` for which way), on a
-    ("data_parallel", "tensor_parallel") "cpu" mesh of the fake world. ``layout["even"]`` records whether
-    every sharded parameter divides evenly over the mesh (every rank then holds the same bytes)."""
+    """Parallelise a module the way the run does (:func:`route`), on a ("data_parallel", "tensor_parallel")
+    "cpu" mesh of the fake world. ``layout["even"]`` records whether every sharded parameter divides evenly
+    over the mesh (every rank then holds the same bytes)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
 
     dp, tp = opts.sizes(world_size, num_nodes)
@@ -114,34 +142,27 @@ def tp_wrapper(opts: TPOptions, precision: Precision, world_size: int, num_nodes
     def wrap(module: nn.Module) -> nn.Module:
         with unset_fake_temporarily():
             mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=MESH_DIMS)
-        if opts.parallelize is not None:
+        how = route(opts, module)
+        if how == "parallelize":
             out = opts.parallelize(module, mesh)
             module = out if isinstance(out, nn.Module) else module
-        elif opts.plan is None and _own_configure_model(module):
+        elif how == "configure_model":
             module._device_mesh = mesh
             module.configure_model()
-        else:
-            if opts.plan is None and _transformers_tp(module):  # transformers' own code, as from_pretrained runs it
-                from transformers.distributed.configuration_utils import DistributedConfig
-                from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+        elif how == "transformers":  # transformers' own code, as from_pretrained runs it
+            from transformers.distributed.configuration_utils import DistributedConfig
+            from transformers.distributed.tensor_parallel import apply_tensor_parallelism
 
-                plan = module._resolve_parallel_plans(DistributedConfig(tp_size=tp))[0]
-                module._mesh_manager = getattr(module, "_mesh_manager", None)
-                apply_tensor_parallelism(module, mesh["tensor_parallel"], plan)
-            else:
-                parallelize_module(module, mesh["tensor_parallel"],
-                                   styles(opts.plan if opts.plan is not None else model_plan(module)))
-            if dp > 1:
-                half = HALF_DTYPES.get(precision) if precision in (Precision.FP16_MIXED, Precision.BF16_MIXED) else None
-                policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32 if half else None)
-                blocks = fsdp2_blocks(module, ())
-                for i, block in enumerate(blocks):
-                    fully_shard(block, mesh=mesh["data_parallel"], mp_policy=policy,
-                                reshard_after_forward=i < len(blocks) - 1)
-                fully_shard(module, mesh=mesh["data_parallel"], mp_policy=policy)
+            plan = module._resolve_parallel_plans(DistributedConfig(tp_size=tp))[0]
+            module._mesh_manager = getattr(module, "_mesh_manager", None)
+            apply_tensor_parallelism(module, mesh["tensor_parallel"], plan)
+        else:
+            parallelize_module(module, mesh["tensor_parallel"],
+                               styles(opts.plan if opts.plan is not None else model_plan(module)))
+        if memguard_shards_data(how, dp):
+            shard_blocks(module, mesh["data_parallel"], fsdp2_policy(precision))
         if layout is not None:
             layout["even"] = all(_even(p) for p in module.parameters())
-            layout["sizes"] = (dp, tp)
         return module
 
     return wrap
@@ -150,7 +171,7 @@ def tp_wrapper(opts: TPOptions, precision: Precision, world_size: int, num_nodes
 def check_plan(opts: TPOptions, model: nn.Module) -> None:
     """Fail before any tracing when there is no way to parallelise ``model``, or the plan has an unknown
     word."""
-    if opts.parallelize is not None or (opts.plan is None and (_own_configure_model(model) or _transformers_tp(model))):
+    if route(opts, model) not in ("plan", "model_plan"):
         return
     plan = opts.plan if opts.plan is not None else model_plan(model)
     if not plan:
@@ -165,24 +186,6 @@ def parallelizable(model: nn.Module) -> bool:
     """Whether ``model`` can be tensor-parallelised without being told how: its own plan (transformers) or
     a LightningModule's ``configure_model``."""
     return _own_configure_model(model) or bool(model_plan(model))
-
-
-def how(opts: TPOptions, model: nn.Module) -> str:
-    """Which way the model is parallelised, for the estimate's notes."""
-    if opts.parallelize is not None:
-        return "the run's parallelize function"
-    if opts.plan is not None:
-        return "the given plan"
-    if _own_configure_model(model):
-        return "the LightningModule's configure_model"
-    return "transformers' own tensor parallelism and plan" if _transformers_tp(model) else "the model's plan"
-
-
-def casts_parameters(opts: TPOptions, world_size: int, num_nodes: int) -> bool:
-    """Whether memguard's own wrapping applies FSDP2 with a mixed-precision policy (a plan with more than one
-    data-parallel rank), which casts parameters itself: the run then has no autocast, as under FSDP2."""
-    dp, _ = opts.sizes(world_size, num_nodes)
-    return opts.parallelize is None and dp > 1
 
 
 def _even(p: torch.Tensor) -> bool:
@@ -201,4 +204,5 @@ def _even(p: torch.Tensor) -> bool:
     return True
 
 
-__all__ = ["MESH_DIMS", "casts_parameters", "check_plan", "how", "parallelizable", "model_plan", "styles", "tp_wrapper"]
+__all__ = ["MESH_DIMS", "ROUTES", "check_plan", "memguard_shards_data", "model_plan", "parallelizable", "route", "styles",
+           "tp_wrapper"]
