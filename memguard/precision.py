@@ -96,7 +96,7 @@ def parse_lightning(value: object) -> Precision:
         try:
             meant = [Precision.parse(text).value]
         except InvalidArgumentError:
-            meant = [c for c in closest(text, accepted)]
+            meant = closest(text, accepted)
         hint = f" Did you mean {', '.join(repr(m) for m in meant)}?" if meant else ""
         raise InvalidArgumentError(f"Lightning's Trainer does not accept precision {str(value)!r}.{hint} "
                                    f"Valid: {', '.join(accepted)}.")

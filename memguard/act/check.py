@@ -176,9 +176,9 @@ def _tp_counts(model: nn.Module, counts: list[tuple[int, int]], per_node: int) -
     """The layouts tensor parallelism can take: each rank computes whole attention heads, so the devices of
     a node (the tensor-parallel size) must divide the model's head counts; nodes are added only when a full
     node's devices do."""
-    config = getattr(model, "config", None)
-    heads = [h for h in (getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None))
-             if isinstance(h, int) and h > 0]
+    from memguard.estimation.tensor_parallel import head_counts
+
+    heads = head_counts(model).values()
 
     def whole(d: int) -> bool:
         return all(h % d == 0 for h in heads)

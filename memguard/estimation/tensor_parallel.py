@@ -182,6 +182,14 @@ def check_plan(opts: TPOptions, model: nn.Module) -> None:
     styles(plan)
 
 
+def head_counts(model: nn.Module) -> dict[str, int]:
+    """The model's attention head counts (transformers' ``num_attention_heads`` / ``num_key_value_heads``):
+    each rank computes whole heads, so a tensor-parallel size must divide every one of them."""
+    config = getattr(model, "config", None)
+    counts = {attr: getattr(config, attr, None) for attr in ("num_attention_heads", "num_key_value_heads")}
+    return {attr: n for attr, n in counts.items() if isinstance(n, int) and not isinstance(n, bool) and n > 0}
+
+
 def parallelizable(model: nn.Module) -> bool:
     """Whether ``model`` can be tensor-parallelised without being told how: its own plan (transformers) or
     a LightningModule's ``configure_model``."""
@@ -204,5 +212,5 @@ def _even(p: torch.Tensor) -> bool:
     return True
 
 
-__all__ = ["MESH_DIMS", "ROUTES", "check_plan", "memguard_shards_data", "model_plan", "parallelizable", "route", "styles",
+__all__ = ["MESH_DIMS", "ROUTES", "check_plan", "head_counts", "memguard_shards_data", "model_plan", "parallelizable", "route", "styles",
            "tp_wrapper"]

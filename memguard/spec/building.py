@@ -172,6 +172,7 @@ class _Building:
         the model's attention heads ((None, None) for other strategies); None after a problem."""
         from memguard import strategies
         from memguard.estimation.strategy_options import TPOptions
+        from memguard.estimation.tensor_parallel import head_counts
 
         row = strategies.find(trainer["strategy"])
         if row is None or row.kind is not strategies.Kind.TP:
@@ -186,10 +187,8 @@ class _Building:
         except InvalidArgumentError as exc:
             self.problems.add(where if "tensor_parallel_size (" in str(exc) else key, str(exc))
             return None
-        config = getattr(instance, "config", None)
-        for attr in ("num_attention_heads", "num_key_value_heads"):
-            heads = getattr(config, attr, None)
-            if isinstance(heads, int) and heads % tp:
+        for attr, heads in head_counts(instance).items():
+            if heads % tp:
                 fits = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0 and world % d == 0)
                 self.problems.add(where, f"{tp} does not divide the model's {attr} ({heads}): each rank computes "
                                          f"whole heads; sizes that divide both the heads and the {world} ranks: {fits}")
