@@ -3,7 +3,10 @@ BatchSizeFinder.
 
 1. Search cost: ``memguard.max_batch_size`` / ``max_seq_len`` (and ``memguard check --max-batch-size``'s
    search) on models of several kinds; the search's wall time divided by the time of one estimate of the
-   same model at the answer's size (the goal: at most 4x), and the number of estimates.
+   same model at the answer's size (the goal: at most 4x), the real estimates it made and the sizes it
+   guessed. Each timing runs in a fresh process that first estimates a small unrelated model on the same
+   device (so neither side pays the library's first-call costs, and neither finds the other's kernels
+   warm); each is the best of two such processes.
 2. BatchSizeFinder: Lightning's ``Tuner.scale_batch_size`` finds the batch size by running real training
    steps at growing sizes until out-of-memory. There is no out-of-memory on the CPU, so the module raises
    torch's ``OutOfMemoryError`` in ``training_step`` whenever its batch is larger than the size memguard
@@ -16,6 +19,9 @@ Usage: python benchmarks/sizing.py      Writes benchmarks/results/sizing.md.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import time
 import warnings
@@ -47,8 +53,10 @@ CASES = [
     ("decoder with SDPA, bf16-mixed (CPU)", lambda: Decoder(layers=2), lambda n: torch.randint(0, 512, (n, 64)),
      dict(device="cpu", precision="bf16-mixed"), "200MiB", "batch_size"),
     ("LSTM (CPU)", LSTMLM, lambda n: torch.randint(0, 1000, (n, 32)), dict(device="cpu"), "200MiB", "batch_size"),
-    ("decoder, sequence length (CPU)", lambda: Decoder(layers=2), lambda t: torch.randint(0, 512, (2, t)),
-     dict(device="cpu"), "40MiB", "seq_len"),
+    ("decoder, sequence length (CPU)", lambda: Decoder(layers=2, positions=4096),
+     lambda t: torch.randint(0, 512, (2, t)), dict(device="cpu"), "40MiB", "seq_len"),
+    ("decoder with 256 positions, sequence length (CPU; the positions bind)", lambda: Decoder(layers=2),
+     lambda t: torch.randint(0, 512, (2, t)), dict(device="cpu"), "40MiB", "seq_len"),
     ("Llama-2-7B bf16-mixed, 8-bit AdamW, checkpointing (H100)", lambda: llama_on_meta("llama-2-7b"),
      lambda n: torch.zeros(n, 2048, dtype=torch.long, device="meta"),
      dict(gpu="H100", precision="bf16-mixed", optimizer="adamw8bit", gradient_checkpointing=True,
@@ -56,16 +64,43 @@ CASES = [
 ]
 
 
-def search_rows() -> list[list[str]]:
-    rows = []
-    for name, build, make_batch, options, budget, knob in CASES:
-        torch.manual_seed(0)
-        model = build()
+def _warm_up(options: dict) -> None:
+    """The library's first-call costs (imports, the profiler, the allocator model), on an unrelated model."""
+    small = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    device = {k: v for k, v in options.items() if k in ("device", "gpu")}
+    memguard.estimate(small, torch.randn(4, 16), **device)
+
+
+def measure(index: int, what: str) -> dict:
+    """One timing in this (fresh) process: ``what`` is "search" or the size to estimate once."""
+    name, build, make_batch, options, budget, knob = CASES[index]
+    torch.manual_seed(0)
+    model = build()
+    _warm_up(options)
+    if what == "search":
         search = memguard.max_batch_size if knob == "batch_size" else memguard.max_seq_len
         result, seconds = _timed(lambda: search(model, make_batch, budget=budget, **options))
-        _, one = _timed(lambda: memguard.estimate(model, make_batch(result.value), **options))
-        rows.append([name, knob, str(result.value), str(len(result.tried)), f"{seconds:.1f}", f"{one:.1f}",
-                     f"{seconds / one:.1f}x"])
+        return {"answer": result.value, "real": [s for s, _ in result.tried], "guessed": result.guessed,
+                "seconds": seconds}
+    _, seconds = _timed(lambda: memguard.estimate(model, make_batch(int(what)), **options))
+    return {"seconds": seconds}
+
+
+def _in_fresh_process(index: int, what: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--measure", str(index), what], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def search_rows(repeats: int = 2) -> list[list[str]]:
+    rows = []
+    for index, (name, *_rest) in enumerate(CASES):
+        knob = _rest[-1]
+        searches = [_in_fresh_process(index, "search") for _ in range(repeats)]
+        found = min(searches, key=lambda r: r["seconds"])
+        one = min(_in_fresh_process(index, str(found["answer"]))["seconds"] for _ in range(repeats))
+        rows.append([name, knob, str(found["answer"]), ", ".join(map(str, found["real"])), str(found["guessed"]),
+                     f"{found['seconds']:.1f}", f"{one:.2f}", f"{found['seconds'] / one:.1f}x"])
         print(rows[-1], flush=True)
     return rows
 
@@ -113,10 +148,16 @@ def finder_rows(budget: str = "60MiB") -> tuple[list[list[str]], int]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--measure"]:
+        print(json.dumps(measure(int(sys.argv[2]), sys.argv[3])))
+        return
     rows = search_rows()
     finder, found = finder_rows()
-    notes = ["Seconds on this machine. ratio = the search's seconds / one estimate's seconds at the answer's size; "
-             "estimates = how many sizes the search estimated (the answer and the next size among them).", "",
+    notes = ["Seconds on this machine, each the best of two fresh processes (see the script's docstring). ratio = the "
+             "search's seconds / one estimate's seconds at the answer's size. real estimates: the sizes the search "
+             "traced, in order (the answer and the next size among them; a size the run refuses, longer than its "
+             "positions, stops at the first operation that cannot take it and is not listed); guessed: other sizes "
+             "drawn from those traces (an allocator replay each, milliseconds).", "",
              f"Against Lightning's BatchSizeFinder on the CPU (tests/lit_models.py LitDecoder, 64 tokens per sample, "
              f"AdamW, budget 60 MiB; the finder's out-of-memory emulated above memguard's answer, {found}):", "",
              "| how | batch size | trial training steps | seconds |", "|---|---|---|---|"]
@@ -125,7 +166,8 @@ def main() -> None:
               "and each out-of-memory costs a GPU step that fails; on a GPU those are minutes, and they cannot run "
               "on a login node. memguard's search runs no step."]
     print(write_table("sizing.md", "Sizing without a GPU: the largest batch and sequence, and what the search costs",
-                      ["model", "knob", "answer", "estimates", "search (s)", "one estimate (s)", "ratio"], rows,
+                      ["model", "knob", "answer", "real estimates", "guessed", "search (s)", "one estimate (s)",
+                       "ratio"], rows,
                       notes))
 
 

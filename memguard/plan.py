@@ -43,6 +43,7 @@ from memguard.advice import how_to
 from memguard.errors import InvalidArgumentError, unknown_name
 from memguard.precision import Precision
 from memguard.estimation import estimate
+from memguard.estimation.sized_traces import supplying_now
 from memguard.results import Estimate
 
 KNOBS = ("precision", "optimizer", "micro_batch", "checkpointing", "sharding", "offload")
@@ -465,21 +466,24 @@ def estimator(
     memo: dict[TrainingConfig, Estimate] = {}
 
     def evaluate(config: TrainingConfig) -> Estimate:
-        if config not in memo:
-            optimizer = dict(overrides.get(config.optimizer) or {"optimizer": config.optimizer})
-            settings = {**fixed, "strategy": config.strategy} if config.strategy is not None else fixed
-            memo[config] = estimate(
-                model,
-                resize_batch(batch, config.micro_batch_size),
-                **optimizer,
-                precision=config.precision,
-                gradient_checkpointing=True if config.gradient_checkpointing else gradient_checkpointing,
-                accumulate_grad_batches=config.accumulate_grad_batches,
-                optimizer_offload=config.optimizer_offload,
-                trace_cache=traces,
-                **settings,
-            )
-        return memo[config]
+        if config in memo:
+            return memo[config]
+        optimizer = dict(overrides.get(config.optimizer) or {"optimizer": config.optimizer})
+        settings = {**fixed, "strategy": config.strategy} if config.strategy is not None else fixed
+        found = estimate(
+            model,
+            resize_batch(batch, config.micro_batch_size),
+            **optimizer,
+            precision=config.precision,
+            gradient_checkpointing=True if config.gradient_checkpointing else gradient_checkpointing,
+            accumulate_grad_batches=config.accumulate_grad_batches,
+            optimizer_offload=config.optimizer_offload,
+            trace_cache=traces,
+            **settings,
+        )
+        if not supplying_now():  # a guess drawn from other sizes' traces is never served as an estimate
+            memo[config] = found
+        return found
 
     device = str(fixed.get("device", "cuda"))
     evaluate.quick = optimizer_what_if(model, "cpu" if device == "cpu" else "cuda")  # type: ignore[attr-defined]

@@ -267,6 +267,8 @@ class SizeResult:
     ruled out by memory."""
     refused: str = ""
     """Why the next size cannot be run at all (the model's positions), when that is what stopped the search."""
+    guessed: int = 0
+    """How many other sizes were guessed from the real estimates' traces (an allocator replay each, no trace)."""
 
     @property
     def batch_size(self) -> int:
@@ -287,7 +289,7 @@ class SizeResult:
     def to_dict(self) -> dict[str, Any]:
         return {"knob": self.knob, "value": self.value, "required_bytes": self.required_bytes,
                 "budget_bytes": self.budget_bytes, "margin": self.margin, "limited": self.limited,
-                "refused": self.refused,
+                "refused": self.refused, "guessed": self.guessed,
                 "tried": [{"size": s, "required_bytes": r} for s, r in self.tried]}
 
 

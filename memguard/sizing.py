@@ -16,6 +16,7 @@ Pure: ``required(size)`` is given by the caller (an estimate plus the margin), n
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 
 from memguard.categories import Category
 from memguard.errors import InvalidArgumentError, TraceError
+from memguard.estimation.sized_traces import Page, drawn, recording, supplying, told
 from memguard.results import Estimate, SizeResult
 
 Required = Callable[[int], tuple[int, Estimate]]
@@ -67,76 +69,203 @@ class Ladder:
         return self.rung_at_or_below(self.limit)
 
 
+TELLING_PRIMES = (13, 17, 19, 23)
+"""Sizes the first real estimate is made at (times the ladder's step): a trace at a multiple of a prime
+that divides no other dimension tells which allocations carry the size (see ``sized_traces.told``)."""
+
+
 def search(knob: str, required: Required, budget_bytes: int, margin: float, ladder: Ladder | None = None,
            quadratic: bool = False, per_unit: Callable[[Estimate, int], float] | None = None,
            start: tuple[int, int, Estimate] | None = None) -> SizeResult:
     """The largest rung of ``ladder`` whose ``required`` bytes are at most ``budget_bytes``, confirmed by
-    estimating it and the next rung. ``quadratic``: propose sizes from a parabola through three points
-    (memory in the sequence length) instead of a line. ``per_unit(estimate, size)``: the bytes one more
-    unit of size adds, read from the first estimate, for the first proposal (the step from size 1 to 2 is
-    often unrepresentative: small tensors are dominated by rounding). ``start``: a size already estimated
-    (size, required bytes, estimate), the configured batch, say: the search starts there instead of at
-    size 1, one estimate fewer and a slope read where the run really is."""
+    estimating it and the next rung. ``quadratic``: memory grows with the square of the size (the
+    sequence length). ``per_unit(estimate, size)``: the bytes one more unit of size adds, read from an
+    estimate, for a first proposal when nothing can be guessed yet. ``start``: a size already estimated
+    (size, required bytes, estimate), the configured batch, say: the search starts there.
+
+    Between real estimates, sizes are guessed from the real ones' traces (:mod:`memguard.estimation.
+    sized_traces`): a guess costs an allocator replay, not a trace. The first real estimate is made at a
+    telling size (13 samples: its allocations that carry the size are the multiples of 13), which guesses
+    every other size; the search walks the guessed curve, allocator segments and all, to where it crosses
+    the budget and spends real estimates there: usually three in all (the telling size, the answer and the
+    size after it), more where the guesses miss (kernels whose scratch is not proportional to the size),
+    each miss giving a nearer trace to guess from."""
     ladder = ladder or Ladder()
     seen: dict[int, tuple[int, Estimate]] = {}
+    pages: dict[int, Page] = {}
+    guessed: dict[int, tuple[int, bool]] = {}  # rung -> (bytes, told by one page)
     tried: list[tuple[int, int]] = []
     refused: dict[int, str] = {}
+    counted = [0]
+    telling = [True]  # until a real estimate contradicts a told guess
 
     def need(k: int) -> int:
         if k in refused:
             return budget_bytes + 1
         if k not in seen:
             try:
-                seen[k] = required(ladder.size(k))
+                with recording() as page:
+                    seen[k] = required(ladder.size(k))
             except SizeRefused as exc:
                 if k == 1:
                     raise
                 refused[k] = str(exc)
                 return budget_bytes + 1
             tried.append((ladder.size(k), seen[k][0]))
+            if k in guessed and guessed[k][1] and guessed[k][0] != seen[k][0]:
+                telling[0] = False  # sizes here are not all multiples or fixed (a shifted t - 1, kernel scratch)
+            if page:
+                pages[k] = page
+                guessed.clear()  # a nearer page may draw them better
         return seen[k][0]
+
+    def guess(k: int) -> int | None:
+        """Rung ``k``'s bytes: real when estimated, else drawn from the real traces (None: none can)."""
+        if k in seen or k in refused:
+            return need(k)
+        if k not in guessed:
+            page, told_ = _draw(pages, k, ladder, 2 if quadratic else 1, telling[0])
+            if page is None:
+                return None
+            try:
+                with supplying(page):
+                    guessed[k] = (required(ladder.size(k))[0], told_)
+            except SizeRefused:
+                guessed[k] = (budget_bytes + 1, told_)
+            counted[0] += 1
+        return guessed[k][0]
 
     def result(k: int, limited: bool = False) -> SizeResult:
         at = max(k, 1)
         why = refused.get(k + 1, "")
         return SizeResult(knob, ladder.size(k) if k else 0, seen[at][1], seen[at][0], budget_bytes, margin,
-                          tried, limited or bool(why), why)
+                          tried, limited or bool(why), why, guessed=counted[0])
 
-    first = 1
+    top = ladder.top
     if start is not None and ladder.size(max(1, ladder.rung_at_or_below(start[0]))) == start[0]:
         first = ladder.rung_at_or_below(start[0])
         seen[first] = (start[1], start[2])
         tried.append((start[0], start[1]))
-    lo, hi = first, None
-    if need(first) > budget_bytes:
-        if first == 1 or need(1) > budget_bytes:
-            return result(0)
-        lo, hi = 1, first
-    top = ladder.top
-    k = lo + 1
+    else:
+        first = _telling_rung(ladder, 1, top + 1, TELLING_PRIMES[0])
+    lo, hi = (first, None) if need(first) <= budget_bytes else (0, first)
+    line = lo + 1 if lo else max(1, first // 2)
     slope = per_unit(seen[first][1], ladder.size(first)) if per_unit is not None else 0
     if slope > 0:
-        k = ladder.rung_at_or_below(ladder.size(first) + (budget_bytes - seen[first][0]) / slope)
+        line = max(1, ladder.rung_at_or_below(ladder.size(first) + (budget_bytes - seen[first][0]) / slope))
     stalled = 0
     while True:
         if hi is not None and hi == lo + 1:
             return result(lo)
-        if lo >= top:
+        if hi is None and lo >= top:
             return result(lo, limited=True)
+        if stalled >= 3 and hi is not None:
+            k, stalled = (lo + hi) // 2, 0
+        else:
+            # a size the run refused (the model's positions) leaves no memory to guess from: bisect to it
+            crossing = None if hi in refused else _guessed_crossing(guess, lo, hi, top, line, budget_bytes)
+            if crossing is not None:  # confirm the guessed answer: itself, then the rung after it
+                k = crossing if crossing > lo and crossing not in seen else crossing + 1
+            elif pages or start is None or lo == 0:
+                k = line
+            else:  # from an estimate made before the search: make the first page a telling one
+                k = _telling_rung(ladder, lo + 1, hi or top + 1, line)
         k = min(max(k, lo + 1), top if hi is None else hi - 1)
         width = None if hi is None else hi - lo
         if need(k) <= budget_bytes:
             lo = k
         else:
             hi = k
-        if hi is not None and hi == lo + 1:
-            return result(lo)
         if width is not None and hi is not None:
             stalled = stalled + 1 if (hi - lo) * 2 > width else 0
-        if stalled >= 3 and hi is not None:
-            k, stalled = (lo + hi) // 2, 0
-            continue
-        k = ladder.rung_at_or_below(_propose(seen, lo, hi, ladder, budget_bytes, quadratic))
+        line = (ladder.rung_at_or_below(_propose(seen, lo, hi, ladder, budget_bytes, quadratic)) if lo
+                else max(1, (hi or 2) // 2))
+
+
+def _telling_rung(ladder: Ladder, low: int, high: int, near: int) -> int:
+    """The rung in ``[low, high)`` nearest ``near`` whose size a telling prime divides (and the step does
+    not); ``near`` itself when there is none within an eighth of it (or the ladder doubles)."""
+    if ladder.power:
+        return min(max(near, low), high - 1)
+    primes = [p for p in TELLING_PRIMES if ladder.step % p]
+    reach = max(TELLING_PRIMES[-1], near // 8)
+    for distance in range(reach + 1):
+        for k in (near - distance, near + distance):
+            if low <= k < high and any(k % p == 0 for p in primes):
+                return k
+    return min(max(near, low), high - 1)
+
+
+GUESSES = 12
+"""The most guesses one walk to the guessed crossing takes (each an allocator replay)."""
+
+
+def _guessed_crossing(guess: Callable[[int], int | None], lo: int, hi: int | None, top: int, line: int,
+                      budget: int) -> int | None:
+    """The rung in ``[lo, hi)`` where the guessed curve crosses the budget (its last fitting rung), walked
+    from ``line`` (the proposal of the real points) by secant steps on the guesses, bisecting when a step
+    lands outside the bracket; None while nothing can be guessed."""
+    low, high = lo, (hi if hi is not None else top + 1)
+    values: dict[int, int] = {}
+    k = min(max(line, low + 1), high - 1)
+    for _ in range(GUESSES):
+        if high == low + 1:
+            break
+        value = guess(k)
+        if value is None:
+            return None
+        values[k] = value
+        if value <= budget:
+            low = k
+        else:
+            high = k
+        if high == low + 1:
+            break
+        k = _secant(values, low, high, budget)
+    return low if high == low + 1 or low > lo else None
+
+
+def _secant(values: dict[int, int], low: int, high: int, budget: int) -> int:
+    """The next rung strictly between ``low`` (fits) and ``high`` (does not): where the line through the two
+    guesses nearest the crossing meets the budget (the bracket's ends, or the two largest fitting sizes
+    while nothing above has been guessed, stepping at most doubling), else the bracket's middle."""
+    below = sorted(k for k in values if k <= low)
+    pair = [below[-1], high] if below and high in values else below[-2:]
+    middle = (low + high) // 2
+    if len(pair) < 2:
+        return min(max(2 * low, low + 1), high - 1) if high not in values else middle
+    (k0, k1), (y0, y1) = pair, (values[pair[0]], values[pair[1]])
+    if y1 <= y0:
+        return middle
+    k = max(k0 + int((budget - y0) * (k1 - k0) // (y1 - y0)), low + 1)  # the line's last fitting rung + 1
+    if high not in values:
+        k = min(k, 2 * low)
+    return k if low < k < high else (middle if high in values else min(max(k, low + 1), high - 1))
+
+
+def _draw(pages: dict[int, Page], k: int, ladder: Ladder, degree: int, telling: bool) -> tuple[Page | None, bool]:
+    """Rung ``k``'s page, and whether one page told it: drawn through the ``degree + 1`` real pages nearest
+    to it whose structures agree (exact where every allocation is a polynomial of that degree in the size),
+    else (while ``telling``) told by the nearest telling page, else (a parabola short of its third page)
+    through two."""
+    near = sorted(pages, key=lambda j: (abs(j - k), -j))
+
+    def through(count: int) -> Page | None:
+        for chosen in itertools.islice(itertools.combinations(near[:count + 2], count), 6):
+            page = drawn([(ladder.size(j), pages[j]) for j in sorted(chosen)], ladder.size(k))
+            if page is not None:
+                return page
+        return None
+
+    page = through(degree + 1)
+    if page is not None:
+        return page, False
+    for j in near if telling else ():
+        size = ladder.size(j)
+        prime = next((p for p in TELLING_PRIMES if size % p == 0 and ladder.step % p), None)
+        if prime is not None:
+            return told(pages[j], size, prime, degree, ladder.size(k)), True
+    return (through(2) if degree > 1 else None), False
 
 
 def _propose(seen: dict[int, tuple[int, Any]], lo: int, hi: int | None, ladder: Ladder, budget: int,

@@ -125,7 +125,7 @@ def test_nothing_fits_and_bad_arguments():
         memguard.max_batch_size(model, make_batch, budget="1GiB", margin=-0.1, **kwargs)
     with pytest.raises(InvalidArgumentError, match="multiple_of"):
         memguard.max_batch_size(model, make_batch, budget="1GiB", multiple_of=0, **kwargs)
-    with pytest.raises(InvalidArgumentError, match=r"make_batch\(1\)"):
+    with pytest.raises(InvalidArgumentError, match=r"make_batch\(\d+\) raised ZeroDivisionError"):
         memguard.max_batch_size(model, lambda n: 1 / 0, budget="1GiB", **kwargs)
 
 

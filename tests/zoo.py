@@ -103,9 +103,10 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     """GPT-style decoder with SDPA; optional tied embeddings and in-model checkpointing."""
 
-    def __init__(self, vocab: int = 512, d: int = 128, layers: int = 3, tied: bool = False, ckpt: bool = False) -> None:
+    def __init__(self, vocab: int = 512, d: int = 128, layers: int = 3, tied: bool = False, ckpt: bool = False,
+                 positions: int = 256) -> None:
         super().__init__()
-        self.emb, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.zeros(1, 256, d))
+        self.emb, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.zeros(1, positions, d))
         self.blocks = nn.ModuleList(Block(d) for _ in range(layers))
         self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
         if tied:

@@ -21,6 +21,7 @@ from memguard.categories import ALLOCATED_CATEGORIES, Category
 from memguard.device.models import DeviceModel, device_model
 from memguard.errors import InvalidArgumentError, TraceError
 from memguard.estimation.request import EstimateRequest
+from memguard.estimation.sized_traces import traced
 from memguard.optimizers import ShapeOnlyOptimizer, adam_like_bound, make_factory
 from memguard.precision import Precision
 from memguard.quantization import QuantScheme, quantize_linears, replace_bnb_layers
@@ -94,8 +95,8 @@ def estimate_one(model: nn.Module, batch: Any, req: EstimateRequest,
         kwargs["compile"] = req.compile if compiling else False
     while True:
         try:
-            trace = tracer(model, batch, factory, program, param_dtype=prec.param_dtype, prepare=prepare,
-                           device=dev, shared=req.shared, **kwargs)
+            trace = traced(lambda: tracer(model, batch, factory, program, param_dtype=prec.param_dtype,
+                                          prepare=prepare, device=dev, shared=req.shared, **kwargs), dev)
             break
         except Exception as exc:
             if compiling:  # any failure of the compiled analysis falls back to eager, and says so
@@ -114,8 +115,8 @@ def estimate_one(model: nn.Module, batch: Any, req: EstimateRequest,
                          "state and a foreach-sized step transient")
             approximate = True
             dev = device_model(req.device, req.gpu).fresh()
-            trace = tracer(model, batch, adam_like_bound, program, param_dtype=prec.param_dtype,
-                           prepare=prepare, device=dev, shared=req.shared, **kwargs)
+            trace = traced(lambda: tracer(model, batch, adam_like_bound, program, param_dtype=prec.param_dtype,
+                                          prepare=prepare, device=dev, shared=req.shared, **kwargs), dev)
             break
     result = summarize(trace, dev)
     result.approximate = approximate
