@@ -6,7 +6,7 @@ BatchSizeFinder.
    same model at the answer's size (the goal: at most 4x), the real estimates it made and the sizes it
    guessed. Each timing runs in a fresh process that first estimates a small unrelated model on the same
    device (so neither side pays the library's first-call costs, and neither finds the other's kernels
-   warm); each is the best of two such processes.
+   warm); each is the best of three such processes.
 2. BatchSizeFinder: Lightning's ``Tuner.scale_batch_size`` finds the batch size by running real training
    steps at growing sizes until out-of-memory. There is no out-of-memory on the CPU, so the module raises
    torch's ``OutOfMemoryError`` in ``training_step`` whenever its batch is larger than the size memguard
@@ -92,7 +92,7 @@ def _in_fresh_process(index: int, what: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def search_rows(repeats: int = 2) -> list[list[str]]:
+def search_rows(repeats: int = 3) -> list[list[str]]:
     rows = []
     for index, (name, *_rest) in enumerate(CASES):
         knob = _rest[-1]
@@ -153,7 +153,7 @@ def main() -> None:
         return
     rows = search_rows()
     finder, found = finder_rows()
-    notes = ["Seconds on this machine, each the best of two fresh processes (see the script's docstring). ratio = the "
+    notes = ["Seconds on this machine, each the best of three fresh processes (see the script's docstring). ratio = the "
              "search's seconds / one estimate's seconds at the answer's size. real estimates: the sizes the search "
              "traced, in order (the answer and the next size among them; a size the run refuses, longer than its "
              "positions, stops at the first operation that cannot take it and is not listed); guessed: other sizes "

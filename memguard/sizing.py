@@ -24,7 +24,7 @@ from typing import Any
 
 from memguard.categories import Category
 from memguard.errors import InvalidArgumentError, TraceError
-from memguard.estimation.sized_traces import Page, drawn, recording, supplying, told
+from memguard.estimation.sized_traces import Page, drawn, recording, supplying, tells, told
 from memguard.results import Estimate, SizeResult
 
 Required = Callable[[int], tuple[int, Estimate]]
@@ -153,6 +153,11 @@ def search(knob: str, required: Required, budget_bytes: int, margin: float, ladd
     slope = per_unit(seen[first][1], ladder.size(first)) if per_unit is not None else 0
     if slope > 0:
         line = max(1, ladder.rung_at_or_below(ladder.size(first) + (budget_bytes - seen[first][0]) / slope))
+    prime = _telling_prime(ladder, first)
+    if first in pages and prime and not tells(pages[first], prime):
+        # kernel scratch padded to its own blocks: a second small size draws a line where one trace cannot tell
+        telling[0] = False
+        line = 2 * first if lo else line
     stalled = 0
     while True:
         if hi is not None and hi == lo + 1:
@@ -182,6 +187,11 @@ def search(knob: str, required: Required, budget_bytes: int, margin: float, ladd
                 else max(1, (hi or 2) // 2))
 
 
+def _telling_prime(ladder: Ladder, k: int) -> int | None:
+    """The telling prime that divides rung ``k``'s size and not the ladder's step, if any."""
+    return next((p for p in TELLING_PRIMES if ladder.size(k) % p == 0 and ladder.step % p), None)
+
+
 def _telling_rung(ladder: Ladder, low: int, high: int, near: int) -> int:
     """The rung in ``[low, high)`` nearest ``near`` whose size a telling prime divides (and the step does
     not); ``near`` itself when there is none within an eighth of it (or the ladder doubles)."""
@@ -196,8 +206,9 @@ def _telling_rung(ladder: Ladder, low: int, high: int, near: int) -> int:
     return min(max(near, low), high - 1)
 
 
-GUESSES = 12
-"""The most guesses one walk to the guessed crossing takes (each an allocator replay)."""
+GUESSES = 40
+"""The most guesses one walk to the guessed crossing takes (each an allocator replay, milliseconds to a
+tenth of a second): secant steps, each followed by a bisection when it did not halve the bracket."""
 
 
 def _guessed_crossing(guess: Callable[[int], int | None], lo: int, hi: int | None, top: int, line: int,
@@ -215,13 +226,16 @@ def _guessed_crossing(guess: Callable[[int], int | None], lo: int, hi: int | Non
         if value is None:
             return None
         values[k] = value
+        width = high - low
         if value <= budget:
             low = k
         else:
             high = k
         if high == low + 1:
             break
-        k = _secant(values, low, high, budget)
+        # a secant step that did not halve the bracket (a flat or stepped curve) is followed by a bisection
+        halved = high < top + 1 and (high - low) * 2 <= width
+        k = _secant(values, low, high, budget) if halved or high == top + 1 else (low + high) // 2
     return low if high == low + 1 or low > lo else None
 
 
@@ -261,10 +275,9 @@ def _draw(pages: dict[int, Page], k: int, ladder: Ladder, degree: int, telling: 
     if page is not None:
         return page, False
     for j in near if telling else ():
-        size = ladder.size(j)
-        prime = next((p for p in TELLING_PRIMES if size % p == 0 and ladder.step % p), None)
+        prime = _telling_prime(ladder, j)
         if prime is not None:
-            return told(pages[j], size, prime, degree, ladder.size(k)), True
+            return told(pages[j], ladder.size(j), prime, degree, ladder.size(k)), True
     return (through(2) if degree > 1 else None), False
 
 

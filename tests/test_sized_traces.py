@@ -121,3 +121,23 @@ def test_a_guess_is_never_kept_by_the_planner_memo():
     right = evaluate(config)
     assert right.peak_bytes != wrong.peak_bytes
     assert right.peak_bytes == memguard.estimate(model, torch.randn(8, 48), device="cpu").peak_bytes
+
+
+def test_kernel_scratch_padded_to_its_blocks_is_not_told():
+    from zoo import LSTMLM
+
+    lstm, _ = _page(LSTMLM(), torch.randint(0, 1000, (13, 32)), device="cpu")  # oneDNN's RNN workspace
+    assert not sized_traces.tells(lstm, 13)
+    tower, _ = _page(Tower(), torch.randn(13, 48), **OPTIONS["cuda"])
+    assert sized_traces.tells(tower, 13)
+
+
+def test_the_search_traces_three_sizes_when_one_trace_tells_the_rest():
+    model, options = Tower(), OPTIONS["cuda"]
+    make = lambda n: torch.randn(n, 48)  # noqa: E731
+    budget = memguard.estimate(model, make(700), **options).device_bytes
+    result = memguard.max_batch_size(model, make, budget=budget, margin=0.0, **options)
+    n = result.batch_size
+    assert [s for s, _ in result.tried] == [13, n, n + 1] and result.guessed > 0
+    assert memguard.estimate(model, make(n), **options).device_bytes <= budget
+    assert memguard.estimate(model, make(n + 1), **options).device_bytes > budget

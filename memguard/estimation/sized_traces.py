@@ -167,6 +167,29 @@ def told(page: Page, size: int, prime: int, degree: int, at: int) -> Page:
     return out
 
 
+SCRATCH_SHARE = 0.01
+"""How much of a trace's peak kernel scratch of sizes the telling prime does not divide may weigh before
+one trace no longer tells the others (:func:`tells`)."""
+
+
+def tells(page: Page, prime: int) -> bool:
+    """Whether :func:`told` can trust ``page``: kernel scratch the dispatcher does not see is measured by
+    running the kernel (on the CPU), sized by the kernel's own blocking; when such scratch that ``prime``
+    does not divide weighs more than :data:`SCRATCH_SHARE` of the peak, it is not telling fixed from
+    scaling, and a second size must be traced."""
+    for trace, _ in page:
+        freed = {-ev - 1 for ev in trace.events if ev < 0}
+        odd = sum(s for aid, (s, c) in enumerate(zip(trace.sizes, trace.categories))
+                  if c is Category.WORKSPACE and aid in freed and s % prime)
+        live = peak = 0
+        for ev in trace.events:
+            live += trace.sizes[ev - 1] if ev > 0 else -trace.sizes[-ev - 1]
+            peak = max(peak, live)
+        if odd > SCRATCH_SHARE * peak:
+            return False
+    return True
+
+
 def _lagrange(points: list[int], x: int) -> tuple[list[int], int]:
     """The Lagrange weights of ``points`` at ``x`` as integers over one common denominator: sizes stay exact."""
     weights = []
