@@ -5,11 +5,12 @@ Lightning's BatchSizeFinder, accelerate's ``find_executable_batch_size`` and tra
 is exact on what it traces, so the same question is a search over estimates, before the job starts.
 
 Memory is close to affine in the batch size (each sample adds its activations) and close to quadratic in
-the sequence length under eager attention, but not exactly either (allocator rounding, kernels chosen by
-size), so a fitted curve only proposes where to look: every answer is confirmed by two full estimates, the
-size that fits and the next one that does not. With an affine model the search costs four estimates
-(sizes 1 and 2, the proposed answer and the one after it); each miss of the curve costs one more, and a
-bracket that stops shrinking is bisected, so the search always ends.
+the sequence length under eager attention, but not exactly either (allocator segments, kernels chosen by
+size), so guesses only propose where to look: every answer is confirmed by two full estimates, the size
+that fits and the next one that does not. Guesses come from the real estimates' traces
+(:mod:`memguard.estimation.sized_traces`), one of them made at a telling size (13), so a search usually
+costs three real estimates (13, the answer, the next size); each miss of the guesses costs one more and
+brings a nearer trace, and a bracket that stops shrinking is bisected, so the search always ends.
 
 Pure: ``required(size)`` is given by the caller (an estimate plus the margin), nothing here prints.
 """
@@ -76,12 +77,13 @@ that divides no other dimension tells which allocations carry the size (see ``si
 
 def search(knob: str, required: Required, budget_bytes: int, margin: float, ladder: Ladder | None = None,
            quadratic: bool = False, per_unit: Callable[[Estimate, int], float] | None = None,
-           start: tuple[int, int, Estimate] | None = None) -> SizeResult:
+           start: int | tuple[int, int, Estimate] | None = None) -> SizeResult:
     """The largest rung of ``ladder`` whose ``required`` bytes are at most ``budget_bytes``, confirmed by
     estimating it and the next rung. ``quadratic``: memory grows with the square of the size (the
     sequence length). ``per_unit(estimate, size)``: the bytes one more unit of size adds, read from an
-    estimate, for a first proposal when nothing can be guessed yet. ``start``: a size already estimated
-    (size, required bytes, estimate), the configured batch, say: the search starts there.
+    estimate, for a first proposal when nothing can be guessed yet. ``start``: where the search begins (the configured
+    batch, say): a size, or one already estimated as (size, required bytes, estimate), which saves that
+    estimate but gives no trace to guess from.
 
     Between real estimates, sizes are guessed from the real ones' traces (:mod:`memguard.estimation.
     sized_traces`): a guess costs an allocator replay, not a trace. The first real estimate is made at a
@@ -142,10 +144,12 @@ def search(knob: str, required: Required, budget_bytes: int, margin: float, ladd
                           tried, limited or bool(why), why, guessed=counted[0])
 
     top = ladder.top
-    if start is not None and ladder.size(max(1, ladder.rung_at_or_below(start[0]))) == start[0]:
-        first = ladder.rung_at_or_below(start[0])
-        seen[first] = (start[1], start[2])
-        tried.append((start[0], start[1]))
+    begin = start if isinstance(start, int) else start[0] if start is not None else None
+    if begin is not None and ladder.size(max(1, ladder.rung_at_or_below(begin))) == begin:
+        first = ladder.rung_at_or_below(begin)
+        if not isinstance(start, int):  # estimated before the search: no trace to guess from
+            seen[first] = (start[1], start[2])
+            tried.append((start[0], start[1]))
     else:
         first = _telling_rung(ladder, 1, top + 1, TELLING_PRIMES[0])
     lo, hi = (first, None) if need(first) <= budget_bytes else (0, first)
@@ -385,12 +389,9 @@ def _sized(model: Any, make_batch: Callable[[int], Any], knob: str, *, budget: A
             raise SizeRefused(f"{knob} {size} does not run: {str(exc).splitlines()[0][:300]}") from exc
         return required_bytes(est, rate), est
 
-    first = None
-    if start is not None:
-        if isinstance(start, bool) or not isinstance(start, int) or start < 1:
-            raise InvalidArgumentError(f"{caller}: start must be a positive integer (a size to begin at), got {start!r}")
-        first = (start, *required(start))
-    return search(knob, required, capacity, rate, ladder, quadratic=quadratic, per_unit=per_unit(rate), start=first)
+    if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 1):
+        raise InvalidArgumentError(f"{caller}: start must be a positive integer (a size to begin at), got {start!r}")
+    return search(knob, required, capacity, rate, ladder, quadratic=quadratic, per_unit=per_unit(rate), start=start)
 
 
 def max_batch_size(model: Any, make_batch: Callable[[int], Any], *, budget: int | float | str | None = None,
@@ -401,7 +402,7 @@ def max_batch_size(model: Any, make_batch: Callable[[int], Any], *, budget: int 
     ``.batch_size`` is 0 when not even one sample fits. ``multiple_of`` / ``power_of_two`` restrict the
     answer (multiples of 8; powers of two); ``limit`` bounds the search; ``start`` (the batch size the run
     has now, say) is where the search begins instead of 1. Other keywords go to :func:`memguard.estimate`
-    (optimizer, precision, device...). Costs four to six estimates."""
+    (optimizer, precision, device...). Costs three or four real estimates (see the module's docstring)."""
     return _sized(model, make_batch, "batch_size", budget=budget, gpu=gpu, margin=margin, multiple_of=multiple_of,
                   power_of_two=power_of_two, limit=limit, quadratic=False, start=start,
                   estimate_kwargs=estimate_kwargs)
