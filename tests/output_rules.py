@@ -1,8 +1,9 @@
 """What may appear on a user's terminal while memguard works: memguard's own words only.
 
 Shared by tests/test_quiet.py (the front ends), tests/test_examples.py (the example scripts) and
-tests/test_example_configs.py (``memguard check`` on the example configs). A line is memguard's when it starts with "memguard", is a warning whose message
-starts with "memguard" (and the source line Python prints under it), or belongs to a memguard report
+tests/test_example_configs.py (``memguard check`` on the example configs). A line is memguard's when it
+starts with "memguard", is a warning whose message starts with "memguard" (and the source line Python
+prints under it), or belongs to a memguard report
 (from its "FITS" / "DOES NOT FIT" headline to its margin-policy paragraph). Lines a script prints itself
 are allowed by the prefixes the caller names.
 """
