@@ -1,7 +1,12 @@
-"""Run by tests/test_callback.py: a two-process DDP fit on the CPU (gloo) where each rank gets its own budget.
+"""Run by tests/test_callback_ddp.py: two-process DDP fits on the CPU (gloo), one launch for every scenario.
 
-Usage: python ddp_callback_script.py OUT_DIR BUDGET_RANK0 BUDGET_RANK1 POLICY
-Each rank writes what it applied to OUT_DIR/rank{N}.json.
+Usage: python ddp_callback_script.py OUT_DIR
+The scenarios run one after another in the same two processes, each with its own Trainer and budgets per
+rank; each rank writes what each scenario applied to OUT_DIR/{scenario}_rank{N}.json:
+- probe: budget 1 byte under "warn", what every configuration needs under DDP (the plan's tried list);
+- plan: rank 0 fits as configured, rank 1 only with bf16-mixed (budgets read from the probe);
+- max: MemGuard(batch_size="max") with 60 MiB on rank 0 and 45 MiB on rank 1: one batch size for both;
+- abort: rank 1 cannot fit at all: both ranks stop before the first step.
 """
 
 import json
@@ -12,31 +17,36 @@ import warnings
 sys.path.insert(0, os.path.dirname(__file__))
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
-
 from lit_models import LitDecoder, pl  # noqa: E402
 from memguard.act.callback import MemGuard  # noqa: E402
 
-out_dir, b0, b1, policy = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+out_dir = sys.argv[1]
 rank = int(os.environ.get("LOCAL_RANK", "0"))
-probe = policy == "probe"  # budget 1 byte under "warn": record what every configuration needs under DDP
-sizing = policy == "max"  # MemGuard(batch_size="max"): the ranks must agree on one batch size
-callback = MemGuard(policy="warn" if probe else "auto" if sizing else policy,
-                    budget=1 if probe else (b0 if rank == 0 else b1), allow=["precision"],
-                    batch_size="max" if sizing else None)
-model = LitDecoder()
-trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     callbacks=[callback])
-result = {"rank": trainer.global_rank}
-try:
-    trainer.fit(model)
-    result.update(applied=vars(callback.applied) if callback.applied else None, steps=trainer.global_step,
-                  dtypes=sorted({str(d) for d in model.seen["dtype"]}), found=callback.found_batch_size,
-                  batches=sorted(set(model.seen["batch"])))
-    if probe:
-        result["tried"] = [[vars(c), need] for c, need in callback.decision.plan.tried]
-except Exception as exc:  # noqa: BLE001 - the test checks every rank aborted the same way
-    result.update(error=type(exc).__name__, message=str(exc)[:200])
-with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as fh:
-    json.dump(result, fh)
+
+
+def run(scenario: str, budgets: tuple[int, int], policy: str, batch_size: str | None = None) -> dict:
+    callback = MemGuard(policy=policy, budget=budgets[rank], allow=["precision"], batch_size=batch_size)
+    model = LitDecoder()
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback])
+    result = {"rank": trainer.global_rank}
+    try:
+        trainer.fit(model)
+        result.update(applied=vars(callback.applied) if callback.applied else None, steps=trainer.global_step,
+                      dtypes=sorted({str(d) for d in model.seen["dtype"]}), found=callback.found_batch_size,
+                      batches=sorted(set(model.seen["batch"])))
+        if scenario == "probe":
+            result["tried"] = [[vars(c), need] for c, need in callback.decision.plan.tried]
+    except Exception as exc:  # noqa: BLE001 - the test checks every rank aborted the same way
+        result.update(error=type(exc).__name__, message=str(exc)[:200])
+    with open(os.path.join(out_dir, f"{scenario}_rank{trainer.global_rank}.json"), "w") as fh:
+        json.dump(result, fh)
+    return result
+
+
+probe = run("probe", (1, 1), "warn")
+(_, base), (_, bf16) = probe["tried"][0], probe["tried"][1]
+run("plan", (base + 2**20, bf16), "auto")  # rank 0 fits as configured, rank 1 only with bf16
+run("max", (60 * 2**20, 45 * 2**20), "auto", batch_size="max")  # rank 1's budget allows a smaller batch
+run("abort", (2**40, 2**20), "auto")  # rank 1 cannot fit at all

@@ -1,49 +1,47 @@
 """MemGuard in real multi-process Lightning fits on the CPU (gloo): ranks with different budgets agree on one
 plan or one batch size, or abort together; LightningCLI builds the callback from YAML; ModelParallelStrategy
-trains on with memguard's fake mesh beside it. Each test launches its own processes (its own file, so the
-test workers share them out)."""
+trains on with memguard's fake mesh beside it. The DDP scenarios share one launch (a module fixture); the
+file is its own so the test workers share it out."""
 
 from __future__ import annotations
 
 import pytest
 
 
-def _ddp(tmp_path, budget0: int, budget1: int, policy: str) -> list[dict]:
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory) -> dict[str, list[dict]]:
+    """Every scenario of tests/ddp_callback_script.py, run in one two-process launch: each rank's result."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
+    out = tmp_path_factory.mktemp("ddp")
     script = Path(__file__).with_name("ddp_callback_script.py")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(budget0), str(budget1), policy],
-                          capture_output=True, text=True, timeout=300, check=False)
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)
-               if (tmp_path / f"rank{r}.json").exists()]
-    assert len(results) == 2, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=600,
+                          check=False)
+    results = {}
+    for scenario in ("probe", "plan", "max", "abort"):
+        ranks = [json.loads((out / f"{scenario}_rank{r}.json").read_text()) for r in (0, 1)
+                 if (out / f"{scenario}_rank{r}.json").exists()]
+        assert len(ranks) == 2, f"{scenario}: {proc.stderr[-3000:]}"
+        results[scenario] = ranks
     return results
 
 
-def _ddp_requirements(tmp_path) -> list:
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    results = _ddp(probe, 0, 0, "probe")
-    return results[0]["tried"]
-
-
 @pytest.mark.slow
-def test_ddp_ranks_with_different_budgets_apply_the_same_plan(tmp_path) -> None:
-    tried = _ddp_requirements(tmp_path)
-    (base_cfg, base), (bf16_cfg, bf16) = tried[0], tried[1]
-    assert bf16_cfg["precision"] == "bf16-mixed" and bf16 < base
-    results = _ddp(tmp_path, base + 2**20, bf16, "auto")  # rank 0 fits as configured, rank 1 only with bf16
+def test_ddp_ranks_with_different_budgets_apply_the_same_plan(ddp) -> None:
+    (base_cfg, base), (bf16_cfg, bf16) = ddp["probe"][0]["tried"][:2]
+    assert base_cfg["precision"] != "bf16-mixed" and bf16_cfg["precision"] == "bf16-mixed" and bf16 < base
+    results = ddp["plan"]  # rank 0's budget fits as configured, rank 1's only with bf16-mixed
     assert [r.get("error") for r in results] == [None, None]
     assert [r["applied"]["precision"] for r in results] == ["bf16-mixed", "bf16-mixed"]
     assert all(r["dtypes"] == ["torch.bfloat16"] and r["steps"] == 2 for r in results)
 
 
 @pytest.mark.slow
-def test_ddp_ranks_with_different_budgets_agree_on_one_batch_size(tmp_path) -> None:
-    results = _ddp(tmp_path, 60 * 2**20, 45 * 2**20, "max")  # rank 1's budget allows a smaller batch
+def test_ddp_ranks_with_different_budgets_agree_on_one_batch_size(ddp) -> None:
+    results = ddp["max"]  # 60 MiB on rank 0, 45 MiB on rank 1: rank 1's budget allows a smaller batch
     assert [r.get("error") for r in results] == [None, None], results
     found = {r["found"] for r in results}
     assert len(found) == 1 and 1 < min(found) < 22  # 22 fits rank 0's 60 MiB alone (single-process test)
@@ -51,8 +49,8 @@ def test_ddp_ranks_with_different_budgets_agree_on_one_batch_size(tmp_path) -> N
 
 
 @pytest.mark.slow
-def test_ddp_ranks_abort_together(tmp_path) -> None:
-    results = _ddp(tmp_path, 2**40, 2**20, "auto")  # rank 1 cannot fit at all
+def test_ddp_ranks_abort_together(ddp) -> None:
+    results = ddp["abort"]  # rank 1 cannot fit at all
     assert [r.get("error") for r in results] == ["OutOfMemoryPredicted", "OutOfMemoryPredicted"]
 
 
