@@ -42,12 +42,13 @@ def _trainer(tmp_path, callback: MemGuardCallback, model: torch.nn.Module | None
                                 callbacks=[callback])
 
 
-def _need(tmp_path, **args) -> MemGuardCallback:
-    """What the run needs, read from a warn-only check with a budget of one byte."""
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory) -> MemGuardCallback:
+    """What the run needs, read from a warn-only check with a budget of one byte (every plan candidate's need)."""
     probe = MemGuardCallback(policy="warn", budget=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _trainer(tmp_path, probe, **args).train()
+        _trainer(tmp_path_factory.mktemp("probe"), probe).train()
     return probe
 
 
@@ -55,9 +56,8 @@ def test_default_policy_is_auto_like_the_lightning_callback() -> None:
     assert MemGuardCallback().policy == "auto"
 
 
-def test_a_plan_is_given_in_training_arguments(tmp_path) -> None:
-    probe = _need(tmp_path)
-    decision = probe.decision
+def test_a_plan_is_given_in_training_arguments(tmp_path, probed) -> None:
+    decision = probed.decision
     assert not decision.fits and decision.plan is not None and decision.plan.fits is False
     callback = MemGuardCallback(budget=decision.required_bytes - 1)  # auto: only checkpointing is applied here
     with pytest.raises(OutOfMemoryPredicted) as info:
@@ -70,13 +70,9 @@ def test_a_plan_is_given_in_training_arguments(tmp_path) -> None:
     assert "a plain PyTorch loop" in text  # the transformers Trainer zeroes gradients after the step
 
 
-def test_auto_turns_on_checkpointing_when_that_alone_fits(tmp_path) -> None:
-    probe = MemGuardCallback(policy="warn", budget=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _trainer(tmp_path, probe).train()
+def test_auto_turns_on_checkpointing_when_that_alone_fits(tmp_path, probed) -> None:
     tried = {c.gradient_checkpointing and c.precision == "32-true" and c.micro_batch_size == 8
-             and c.optimizer == probe.decision.config.optimizer: need for c, need in probe.decision.plan.tried}
+             and c.optimizer == probed.decision.config.optimizer: need for c, need in probed.decision.plan.tried}
     model = _model()
     callback = MemGuardCallback(budget=tried[True])
     trainer = _trainer(tmp_path, callback, model=model)
