@@ -81,9 +81,9 @@ def search(knob: str, required: Required, budget_bytes: int, margin: float, ladd
     """The largest rung of ``ladder`` whose ``required`` bytes are at most ``budget_bytes``, confirmed by
     estimating it and the next rung. ``quadratic``: memory grows with the square of the size (the
     sequence length). ``per_unit(estimate, size)``: the bytes one more unit of size adds, read from an
-    estimate, for a first proposal when nothing can be guessed yet. ``start``: where the search begins (the configured
-    batch, say): a size, or one already estimated as (size, required bytes, estimate), which saves that
-    estimate but gives no trace to guess from.
+    estimate, for a first proposal when nothing can be guessed yet. ``start``: where the search begins (the
+    configured batch, say): a size, or one already estimated as (size, required bytes, estimate), which
+    saves that estimate but gives no trace to guess from.
 
     Between real estimates, sizes are guessed from the real ones' traces (:mod:`memguard.estimation.
     sized_traces`): a guess costs an allocator replay, not a trace. The first real estimate is made at a
@@ -98,10 +98,11 @@ def search(knob: str, required: Required, budget_bytes: int, margin: float, ladd
     guessed: dict[int, tuple[int, bool]] = {}  # rung -> (bytes, told by one page)
     tried: list[tuple[int, int]] = []
     refused: dict[int, str] = {}
-    counted = [0]
-    telling = [True]  # until a real estimate contradicts a told guess
+    counted = 0
+    telling = True  # until a real estimate contradicts a told guess
 
     def need(k: int) -> int:
+        nonlocal telling
         if k in refused:
             return budget_bytes + 1
         if k not in seen:
@@ -115,7 +116,7 @@ def search(knob: str, required: Required, budget_bytes: int, margin: float, ladd
                 return budget_bytes + 1
             tried.append((ladder.size(k), seen[k][0]))
             if k in guessed and guessed[k][1] and guessed[k][0] != seen[k][0]:
-                telling[0] = False  # sizes here are not all multiples or fixed (a shifted t - 1, kernel scratch)
+                telling = False  # sizes here are not all multiples or fixed (a shifted t - 1, kernel scratch)
             if page:
                 pages[k] = page
                 guessed.clear()  # a nearer page may draw them better
@@ -123,10 +124,11 @@ def search(knob: str, required: Required, budget_bytes: int, margin: float, ladd
 
     def guess(k: int) -> int | None:
         """Rung ``k``'s bytes: real when estimated, else drawn from the real traces (None: none can)."""
+        nonlocal counted
         if k in seen or k in refused:
             return need(k)
         if k not in guessed:
-            page, told_ = _draw(pages, k, ladder, 2 if quadratic else 1, telling[0])
+            page, told_ = _draw(pages, k, ladder, 2 if quadratic else 1, telling)
             if page is None:
                 return None
             try:
@@ -134,14 +136,14 @@ def search(knob: str, required: Required, budget_bytes: int, margin: float, ladd
                     guessed[k] = (required(ladder.size(k))[0], told_)
             except SizeRefused:
                 guessed[k] = (budget_bytes + 1, told_)
-            counted[0] += 1
+            counted += 1
         return guessed[k][0]
 
     def result(k: int, limited: bool = False) -> SizeResult:
         at = max(k, 1)
         why = refused.get(k + 1, "")
         return SizeResult(knob, ladder.size(k) if k else 0, seen[at][1], seen[at][0], budget_bytes, margin,
-                          tried, limited or bool(why), why, guessed=counted[0])
+                          tried, limited or bool(why), why, guessed=counted)
 
     top = ladder.top
     begin = start if isinstance(start, int) else start[0] if start is not None else None
@@ -150,8 +152,8 @@ def search(knob: str, required: Required, budget_bytes: int, margin: float, ladd
         if not isinstance(start, int):  # estimated before the search: no trace to guess from
             seen[first] = (start[1], start[2])
             tried.append((start[0], start[1]))
-    else:
-        first = _telling_rung(ladder, 1, top + 1, TELLING_PRIMES[0])
+    else:  # no power of two is a multiple of a prime: a doubling ladder starts at its first rung
+        first = 1 if ladder.power else _telling_rung(ladder, 1, top + 1, TELLING_PRIMES[0])
     lo, hi = (first, None) if need(first) <= budget_bytes else (0, first)
     line = lo + 1 if lo else max(1, first // 2)
     slope = per_unit(seen[first][1], ladder.size(first)) if per_unit is not None else 0
@@ -160,7 +162,7 @@ def search(knob: str, required: Required, budget_bytes: int, margin: float, ladd
     prime = _telling_prime(ladder, first)
     if first in pages and prime and not tells(pages[first], prime):
         # kernel scratch padded to its own blocks: a second small size draws a line where one trace cannot tell
-        telling[0] = False
+        telling = False
         line = 2 * first if lo else line
     stalled = 0
     while True:

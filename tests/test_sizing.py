@@ -133,3 +133,14 @@ def test_a_size_the_model_cannot_run_bounds_the_answer():
     model = Decoder(layers=1)  # a 256-position table
     result = memguard.max_seq_len(model, lambda t: torch.randint(0, 512, (1, t)), budget="1GiB", device="cpu")
     assert result.seq_len == 256 and result.limited and "does not run" in result.refused
+
+
+def test_a_doubling_ladder_starts_at_its_first_rung():
+    """No power of two is a multiple of 13: the search starts at one sample, not at the 13th rung (4,096)."""
+    model = CNN()
+    make_batch = ZOO["CNN with BatchNorm"][1]
+    result = memguard.max_batch_size(model, make_batch, budget="40MiB", power_of_two=True, device="cpu",
+                                     loss_fn=lambda m, b: m(*b))
+    sizes = [s for s, _ in result.tried]
+    assert sizes[0] == 1 and result.batch_size & (result.batch_size - 1) == 0
+    assert result.batch_size in sizes and 2 * result.batch_size in sizes
