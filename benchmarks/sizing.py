@@ -94,8 +94,7 @@ def _in_fresh_process(index: int, what: str) -> dict:
 
 def search_rows(repeats: int = 3) -> list[list[str]]:
     rows = []
-    for index, (name, *_rest) in enumerate(CASES):
-        knob = _rest[-1]
+    for index, (name, *_, knob) in enumerate(CASES):
         searches = [_in_fresh_process(index, "search") for _ in range(repeats)]
         found = min(searches, key=lambda r: r["seconds"])
         one = min(_in_fresh_process(index, str(found["answer"]))["seconds"] for _ in range(repeats))

@@ -240,8 +240,8 @@ def _guessed_crossing(guess: Callable[[int], int | None], lo: int, hi: int | Non
         if high == low + 1:
             break
         # a secant step that did not halve the bracket (a flat or stepped curve) is followed by a bisection
-        halved = high < top + 1 and (high - low) * 2 <= width
-        k = _secant(values, low, high, budget) if halved or high == top + 1 else (low + high) // 2
+        no_end_yet = high == top + 1
+        k = _secant(values, low, high, budget) if no_end_yet or (high - low) * 2 <= width else (low + high) // 2
     return low if high == low + 1 or low > lo else None
 
 

@@ -253,10 +253,7 @@ def optimizer_cost(make_optimizer: Callable | None, numel: int) -> tuple[float, 
     state = sum(t.numel() * t.element_size() for per_param in optimizer.state.values()
                 for t in (per_param.values() if isinstance(per_param, dict) else [])
                 if isinstance(t, torch.Tensor) and t.device.type == "meta")
-    live = peak = 0
-    for ev in recorder.trace.events[start:]:
-        live += recorder.trace.sizes[ev - 1] if ev > 0 else -recorder.trace.sizes[-ev - 1]
-        peak = max(peak, live)
+    peak = recorder.trace.peak_bytes(start)
     recorder.closed = True
     return state / numel, peak
 

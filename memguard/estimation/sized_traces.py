@@ -134,10 +134,7 @@ def drawn(pages: list[tuple[int, Page]], size: int) -> Page | None:
         if any(s < 0 for s in sizes):
             return None
         unified = -(-sum(w * t.unified_bytes for w, t in zip(weights, traces)) // denominator)
-        last = traces[-1]
-        out.append((dataclasses.replace(last, sizes=sizes, unified_bytes=max(0, unified), events=list(last.events),
-                                        phases=list(last.phases), notes=list(last.notes),
-                                        categories=list(last.categories)), pages[-1][1][i][1]))
+        out.append((_resized(traces[-1], sizes, max(0, unified)), pages[-1][1][i][1]))
     return out
 
 
@@ -153,7 +150,7 @@ def told(page: Page, size: int, prime: int, degree: int, at: int) -> Page:
     scratch padded to the kernel's own blocks is drawn wrong."""
     out: Page = []
     for trace, state in page:
-        freed = {-ev - 1 for ev in trace.events if ev < 0}
+        freed = trace.freed()
         sizes = []
         for aid, (s, category) in enumerate(zip(trace.sizes, trace.categories)):
             fixed = category in FIXED or (category is Category.WORKSPACE and aid not in freed)
@@ -162,9 +159,15 @@ def told(page: Page, size: int, prime: int, degree: int, at: int) -> Page:
                 rest //= prime
                 power += 1
             sizes.append(-(-s * at ** power // size ** power))
-        out.append((dataclasses.replace(trace, sizes=sizes, events=list(trace.events), phases=list(trace.phases),
-                                        notes=list(trace.notes), categories=list(trace.categories)), state))
+        out.append((_resized(trace, sizes, trace.unified_bytes), state))
     return out
+
+
+def _resized(trace: Trace, sizes: list[int], unified_bytes: int) -> Trace:
+    """``trace`` with other sizes, its lists copied: a strategy may append to the trace an estimate is given."""
+    return dataclasses.replace(trace, sizes=sizes, unified_bytes=unified_bytes, events=list(trace.events),
+                               phases=list(trace.phases), notes=list(trace.notes),
+                               categories=list(trace.categories))
 
 
 SCRATCH_SHARE = 0.01
@@ -178,14 +181,10 @@ def tells(page: Page, prime: int) -> bool:
     does not divide weighs more than :data:`SCRATCH_SHARE` of the peak, it is not telling fixed from
     scaling, and a second size must be traced."""
     for trace, _ in page:
-        freed = {-ev - 1 for ev in trace.events if ev < 0}
+        freed = trace.freed()
         odd = sum(s for aid, (s, c) in enumerate(zip(trace.sizes, trace.categories))
                   if c is Category.WORKSPACE and aid in freed and s % prime)
-        live = peak = 0
-        for ev in trace.events:
-            live += trace.sizes[ev - 1] if ev > 0 else -trace.sizes[-ev - 1]
-            peak = max(peak, live)
-        if odd > SCRATCH_SHARE * peak:
+        if odd > SCRATCH_SHARE * trace.peak_bytes():
             return False
     return True
 

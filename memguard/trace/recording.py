@@ -68,6 +68,18 @@ class Trace:
             return self.holder_names[self.holders[aid]]
         return (UNTRACED, "")
 
+    def peak_bytes(self, start: int = 0) -> int:
+        """The most bytes live at once from event ``start`` on (sizes as recorded, nothing rounded)."""
+        live = peak = 0
+        for ev in self.events[start:]:
+            live += self.sizes[ev - 1] if ev > 0 else -self.sizes[-ev - 1]
+            peak = max(peak, live)
+        return peak
+
+    def freed(self) -> set[int]:
+        """The allocation ids the trace frees (the others live to its end)."""
+        return {-ev - 1 for ev in self.events if ev < 0}
+
     def live_at(self, index: int) -> list[int]:
         """The allocation ids alive just after event ``index``."""
         live: set[int] = set()
