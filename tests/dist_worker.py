@@ -211,8 +211,9 @@ def measure(case: dict) -> dict[str, int]:
 
 def run_case(case: dict) -> dict[str, Any]:
     """``repeat`` measurements (default 1): the first one's ``peak`` and ``start``, and every run's peak in
-    ``peaks``. With every free counted (:func:`_count_every_free`) a rank's runs agree to the byte; the
-    benchmark repeats each case to show that they do."""
+    ``peaks``. With every free counted (:func:`_count_every_free`) a rank's runs agree to the byte on an idle
+    machine; on a loaded one gloo's worker thread can let go of a collective's tensor late
+    (test_distributed.runs_of). The benchmark repeats each case and reports how far its runs differ."""
     runs = []
     for _ in range(case.get("repeat", 1)):
         runs.append(measure(case))
