@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import pytest
@@ -297,3 +298,26 @@ def test_batch_size_max_trains_with_the_largest_batch_that_fits() -> None:
     assert fresh.batch_size == n == resumed.found_batch_size
     with pytest.raises(MemguardError, match="Did you mean 'max'"):
         MemGuard(batch_size="maximum")
+
+
+def test_lightningcli_config_with_memguard(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """LightningCLI builds the callback from a YAML config (class_path / init_args), as users write it."""
+    from pytorch_lightning.cli import LightningCLI
+
+    caplog.set_level(logging.INFO)  # the report is Lightning's rank_zero_info
+
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        "trainer:\n  accelerator: cpu\n  devices: 1\n  max_steps: 2\n  logger: false\n"
+        "  enable_checkpointing: false\n  enable_progress_bar: false\n"
+        "  callbacks:\n    - class_path: memguard.MemGuard\n      init_args:\n        policy: abort\n"
+        "        budget: 1MiB\n        allow: [precision]\n"
+        "model:\n  batch_size: 8\n"
+    )
+    with pytest.raises(OutOfMemoryPredicted, match=r"1\.00 MiB available \(budget\)"):
+        LightningCLI(LitDecoder, save_config_callback=None, args=["fit", "--config", str(config)])
+    config.write_text(config.read_text().replace("budget: 1MiB", "budget: 8GiB"))
+    cli = LightningCLI(LitDecoder, save_config_callback=None, args=["fit", "--config", str(config)])
+    assert cli.trainer.global_step == 2
+    assert [type(c).__name__ for c in cli.trainer.callbacks].count("MemGuard") == 1
+    assert "It fits" in caplog.text

@@ -1,7 +1,7 @@
 """MemGuard in real multi-process Lightning fits on the CPU (gloo): ranks with different budgets agree on one
-plan or one batch size, or abort together; LightningCLI builds the callback from YAML; ModelParallelStrategy
-trains on with memguard's fake mesh beside it. The DDP scenarios share one launch (a module fixture); the
-file is its own so the test workers share it out."""
+plan or one batch size, or abort together; ModelParallelStrategy trains on with memguard's fake mesh beside
+it. Every scenario shares one two-process launch (a module fixture); the file is its own so the test workers
+share it out."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory) -> dict[str, list[dict]]:
+def ddp(tmp_path_factory) -> "Launch":
     """Every scenario of tests/ddp_callback_script.py, run in one two-process launch: each rank's result."""
     import json
     import subprocess
@@ -20,13 +20,22 @@ def ddp(tmp_path_factory) -> dict[str, list[dict]]:
     script = Path(__file__).with_name("ddp_callback_script.py")
     proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=600,
                           check=False)
-    results = {}
-    for scenario in ("probe", "plan", "max", "abort"):
-        ranks = [json.loads((out / f"{scenario}_rank{r}.json").read_text()) for r in (0, 1)
-                 if (out / f"{scenario}_rank{r}.json").exists()]
-        assert len(ranks) == 2, f"{scenario}: {proc.stderr[-3000:]}"
-        results[scenario] = ranks
-    return results
+    return Launch({scenario: [json.loads((out / f"{scenario}_rank{r}.json").read_text()) for r in (0, 1)
+                              if (out / f"{scenario}_rank{r}.json").exists()]
+                   for scenario in ("probe", "plan", "max", "abort", "model_parallel")}, proc.stderr)
+
+
+class Launch:
+    """Each scenario's per-rank results; a scenario that did not finish on both ranks fails its own tests
+    with what the launch printed."""
+
+    def __init__(self, results: dict[str, list[dict]], stderr: str) -> None:
+        self.results, self.stderr = results, stderr
+
+    def __getitem__(self, scenario: str) -> list[dict]:
+        ranks = self.results[scenario]
+        assert len(ranks) == 2, f"{scenario}: {self.stderr[-3000:]}"
+        return ranks
 
 
 @pytest.mark.slow
@@ -55,47 +64,11 @@ def test_ddp_ranks_abort_together(ddp) -> None:
 
 
 @pytest.mark.slow
-def test_lightningcli_config_with_memguard(tmp_path) -> None:
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    config = tmp_path / "fit.yaml"
-    config.write_text(
-        "trainer:\n  accelerator: cpu\n  devices: 1\n  max_steps: 2\n  logger: false\n"
-        "  enable_checkpointing: false\n  enable_progress_bar: false\n"
-        "  callbacks:\n    - class_path: memguard.MemGuard\n      init_args:\n        policy: abort\n"
-        "        budget: 1MiB\n        allow: [precision]\n"
-        "model:\n  batch_size: 8\n"
-    )
-    main = Path(__file__).with_name("lit_cli_main.py")
-    proc = subprocess.run([sys.executable, str(main), "fit", "--config", str(config)], capture_output=True,
-                          text=True, timeout=300, check=False)
-    assert proc.returncode != 0
-    assert "OutOfMemoryPredicted" in proc.stderr and "1.00 MiB available (budget)" in proc.stderr
-    config.write_text(config.read_text().replace("budget: 1MiB", "budget: 8GiB"))
-    proc = subprocess.run([sys.executable, str(main), "fit", "--config", str(config)], capture_output=True,
-                          text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "It fits" in proc.stderr + proc.stdout
-
-
-@pytest.mark.slow
-def test_model_parallel_strategy_is_predicted_and_training_goes_on(tmp_path) -> None:
+def test_model_parallel_strategy_is_predicted_and_training_goes_on(ddp) -> None:
     """Under Lightning's ModelParallelStrategy (2 CPU ranks) the callback predicts each rank by running the
     module's configure_model on a fake mesh, the same bytes as memguard.estimate of the module with the
     strategy object; the real run then trains, its collectives untouched by the fake mesh."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).with_name("model_parallel_callback_script.py")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          check=False)
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)
-               if (tmp_path / f"rank{r}.json").exists()]
-    assert len(results) == 2, proc.stderr[-3000:]
+    results = ddp["model_parallel"]
     from pytorch_lightning.strategies import ModelParallelStrategy
 
     from lit_models import LitTensorParallel
