@@ -129,6 +129,19 @@ def test_apply_swaps_to_each_optimizer_the_planner_can_choose(name: str, monkeyp
     assert new_opt.state
 
 
+def test_optimizer_libraries_are_asked_only_when_the_optimizer_may_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding the 8-bit optimizers imports bitsandbytes and torchao (seconds): a plan that may not change
+    the optimizer does not ask."""
+    asked = []
+    monkeypatch.setattr(importlib.import_module("memguard.act.preflight"), "optimizers_available",
+                        lambda: asked.append(1) or ("adafactor",))
+    budget = _need(TrainingConfig(precision="bf16-mixed", optimizer="adamw", micro_batch_size=4))
+    for allow, times in ((["precision"], 0), (["precision", "optimizer"], 1)):
+        decision = memguard.preflight(_model(), BATCH, optimizer="adamw", device="cpu", budget=budget,
+                                      policy="warn", allow=allow)
+        assert decision.plan is not None and len(asked) == times
+
+
 def test_the_report_speaks_the_plain_loop() -> None:
     target = TrainingConfig(precision="32-true", optimizer="adamw", micro_batch_size=1, accumulate_grad_batches=4)
     decision = memguard.preflight(_model(), BATCH, optimizer="adamw", device="cpu", budget=_need(target),

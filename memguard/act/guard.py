@@ -194,9 +194,10 @@ def decide(
     so abort and warn can say what would have fit). ``optimizers_available`` may be a function, asked only
     when a plan is searched: finding out means importing bitsandbytes and torchao, about a second."""
     check_policy(policy)
+    allow = None if allow is None else tuple(allow)
 
-    def available() -> dict[str, Any]:  # asked only when a plan is searched
-        if optimizers_available is None:
+    def available() -> dict[str, Any]:  # asked only when a plan may change the optimizer
+        if optimizers_available is None or (allow is not None and "optimizer" not in allow):
             return {}
         found = optimizers_available() if callable(optimizers_available) else optimizers_available
         return {"optimizers_available": tuple(found)}
