@@ -19,12 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).parent))
 
-import torch  # noqa: E402
-
 import memguard  # noqa: E402
 from _common import write_table  # noqa: E402
-from test_distributed import BATCH, CASES, MODEL, measured_runs, predicted  # noqa: E402
-from zoo import Decoder, LlamaLike, _ids  # noqa: E402
+from test_distributed import BATCH, CASES, MODEL, case_model, measured_runs, predicted  # noqa: E402
+from zoo import _ids  # noqa: E402
 
 WORLDS = {2: list(CASES), 4: list(CASES)}
 RUNS = 2
@@ -36,9 +34,7 @@ def single_process(name: str) -> int:
     kwargs = dict(CASES[name][2])
     if "checkpointing" in name:
         kwargs["gradient_checkpointing"] = True
-    torch.manual_seed(0)
-    model = (LlamaLike if CASES[name][0].get("arch") == "llama" else Decoder)(**MODEL)
-    return memguard.estimate(model, _ids(*BATCH), device="cpu", **kwargs).peak_bytes
+    return memguard.estimate(case_model(name), _ids(*BATCH), device="cpu", **kwargs).peak_bytes
 
 
 def main() -> None:

@@ -112,11 +112,8 @@ def _tp(world_size: int, tp: int = 0, sequence_parallel: bool = False, loss_para
 # on the number of ranks, so it runs on 2 only; on 4, FSDP2's uneven shards (rank 0 holds more), tensor
 # parallelism over 4 and the 2 x 2 mesh.
 WORLDS = {2: ["ddp", "fsdp_full_shard", "fsdp_shard_grad_op_flat", "fsdp_checkpointing", "fsdp_bf16_mixed", "fsdp2",
-              "tp", "tp_loss_parallel", "tp_transformers_llama"],
+              "tp", "tp_sequence_parallel", "tp_loss_parallel", "tp_transformers_llama"],
           4: ["fsdp2", "tp", "tp2_fsdp2"]}
-# Sequence parallelism runs in benchmarks/distributed_accuracy.py only: there gloo's all-gather staging on its
-# worker threads once kept one shard-sized block longer on a loaded machine (rank 1 measured 1 MiB above
-# every other run of the same case), a CPU-backend race, not a difference NCCL has.
 TP_TOLERANCE = 0.02
 """Tensor parallelism is checked to 2%: every rank's prediction against its real peak."""
 CPU = device_model("cpu")  # one device model: kernel measurements are shared by every estimate here
@@ -195,14 +192,18 @@ def measured_world(world_size: int, names: list[str], repeat: int | None = None,
     return {name: [min(peaks) for peaks in per_rank] for name, per_rank in runs.items()}
 
 
+def case_model(name: str) -> nn.Module:
+    """The model of case ``name``, with the weights every rank builds (seed 0)."""
+    arch = CASES[name][0].get("arch")
+    torch.manual_seed(0)
+    return hf_llama_for_tp() if arch == "hf_llama" else (LlamaLike if arch == "llama" else Decoder)(**MODEL)
+
+
 def predicted(name: str, world_size: int) -> Any:
     case, strategy, kwargs = CASES[name]
     if callable(strategy):
         strategy = strategy(world_size) if case["kind"] == "tp" else strategy()
-    torch.manual_seed(0)
-    model = hf_llama_for_tp() if case.get("arch") == "hf_llama" else (
-        LlamaLike if case.get("arch") == "llama" else Decoder)(**MODEL)
-    return estimate_distributed(model, _ids(*BATCH), strategy=strategy, world_size=world_size,
+    return estimate_distributed(case_model(name), _ids(*BATCH), strategy=strategy, world_size=world_size,
                                 device=CPU, optimizer="adamw", **kwargs)
 
 
