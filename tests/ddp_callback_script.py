@@ -29,8 +29,8 @@ out_dir = sys.argv[1]
 rank = int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def write(scenario: str, rank: int, result: dict) -> None:
-    with open(os.path.join(out_dir, f"{scenario}_rank{rank}.json"), "w") as fh:
+def write(scenario: str, global_rank: int, result: dict) -> None:
+    with open(os.path.join(out_dir, f"{scenario}_rank{global_rank}.json"), "w") as fh:
         json.dump(result, fh)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory) -> "Launch":
+def launch(tmp_path_factory) -> "Launch":
     """Every scenario of tests/ddp_callback_script.py, run in one two-process launch: each rank's result."""
     import json
     import subprocess
@@ -39,18 +39,18 @@ class Launch:
 
 
 @pytest.mark.slow
-def test_ddp_ranks_with_different_budgets_apply_the_same_plan(ddp) -> None:
-    (base_cfg, base), (bf16_cfg, bf16) = ddp["probe"][0]["tried"][:2]
+def test_ddp_ranks_with_different_budgets_apply_the_same_plan(launch) -> None:
+    (base_cfg, base), (bf16_cfg, bf16) = launch["probe"][0]["tried"][:2]
     assert base_cfg["precision"] != "bf16-mixed" and bf16_cfg["precision"] == "bf16-mixed" and bf16 < base
-    results = ddp["plan"]  # rank 0's budget fits as configured, rank 1's only with bf16-mixed
+    results = launch["plan"]  # rank 0's budget fits as configured, rank 1's only with bf16-mixed
     assert [r.get("error") for r in results] == [None, None]
     assert [r["applied"]["precision"] for r in results] == ["bf16-mixed", "bf16-mixed"]
     assert all(r["dtypes"] == ["torch.bfloat16"] and r["steps"] == 2 for r in results)
 
 
 @pytest.mark.slow
-def test_ddp_ranks_with_different_budgets_agree_on_one_batch_size(ddp) -> None:
-    results = ddp["max"]  # 60 MiB on rank 0, 45 MiB on rank 1: rank 1's budget allows a smaller batch
+def test_ddp_ranks_with_different_budgets_agree_on_one_batch_size(launch) -> None:
+    results = launch["max"]  # 60 MiB on rank 0, 45 MiB on rank 1: rank 1's budget allows a smaller batch
     assert [r.get("error") for r in results] == [None, None], results
     found = {r["found"] for r in results}
     assert len(found) == 1 and 1 < min(found) < 22  # 22 fits rank 0's 60 MiB alone (single-process test)
@@ -58,17 +58,17 @@ def test_ddp_ranks_with_different_budgets_agree_on_one_batch_size(ddp) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_ranks_abort_together(ddp) -> None:
-    results = ddp["abort"]  # rank 1 cannot fit at all
+def test_ddp_ranks_abort_together(launch) -> None:
+    results = launch["abort"]  # rank 1 cannot fit at all
     assert [r.get("error") for r in results] == ["OutOfMemoryPredicted", "OutOfMemoryPredicted"]
 
 
 @pytest.mark.slow
-def test_model_parallel_strategy_is_predicted_and_training_goes_on(ddp) -> None:
+def test_model_parallel_strategy_is_predicted_and_training_goes_on(launch) -> None:
     """Under Lightning's ModelParallelStrategy (2 CPU ranks) the callback predicts each rank by running the
     module's configure_model on a fake mesh, the same bytes as memguard.estimate of the module with the
     strategy object; the real run then trains, its collectives untouched by the fake mesh."""
-    results = ddp["model_parallel"]
+    results = launch["model_parallel"]
     from pytorch_lightning.strategies import ModelParallelStrategy
 
     from lit_models import LitTensorParallel
